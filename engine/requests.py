@@ -1,0 +1,58 @@
+"""Typed requests and results: what transports hand the service and get back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.tasks.classify import LabelScore
+from engine.tasks.ner import Aggregation, Entity
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyRequest:
+    texts: list[str]
+    task: str | None = None  # None: the bundle's default classification task
+    top_k: int = 1
+    raw_scores: bool = False
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NerRequest:
+    texts: list[str]
+    task: str | None = None
+    aggregation: Aggregation = "simple"
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    texts: list[str]
+    normalize: bool = True
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    tokens: int
+    truncated_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    labels: list[LabelScore]
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class NerResult:
+    entities: list[Entity]
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    embedding: np.ndarray
+    usage: Usage

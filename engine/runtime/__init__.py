@@ -1,0 +1,1 @@
+"""Runtimes: what turns a padded batch of token ids into encoder states."""

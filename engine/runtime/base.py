@@ -1,0 +1,25 @@
+"""The runtime protocol. A runtime is called from one worker thread at a time, never the event loop."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class EncoderRuntime(Protocol):
+    name: str
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [batch, seq] ids and mask -> float32 [batch, seq, hidden] states."""
+        ...
+
+
+def pad_batch(sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad int64 id arrays with 0 to max_len; returns (input_ids, attention_mask)."""
+    input_ids = np.zeros((len(sequences), max_len), dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), max_len), dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : ids.shape[0]] = ids
+        attention_mask[row, : ids.shape[0]] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,1 @@
+"""Task heads and their post-processing: classification and token classification (NER)."""

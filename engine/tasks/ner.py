@@ -1,0 +1,117 @@
+"""Token classification (NER) with the Hugging Face pipeline's aggregation strategies.
+
+Offsets always index the caller's text, and `word` is the slice of the text it names (not a
+re-decoded, lower-cased token string as the HF pipeline returns for uncased models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from engine.tasks.heads import MlpHead, softmax
+from engine.tokenization import TokenizedText
+
+Aggregation = Literal["none", "simple", "first", "average", "max"]
+AGGREGATIONS: tuple[Aggregation, ...] = ("none", "simple", "first", "average", "max")
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    label: str  # "B-PER" per token with aggregation "none", else the group "PER"
+    score: float
+    word: str
+    start: int
+    end: int
+    index: int | None = None  # token index, for aggregation "none"
+
+
+@dataclass(slots=True)
+class _Piece:
+    label: str
+    score: float
+    start: int
+    end: int
+
+
+def _split_tag(label: str) -> tuple[str, str]:
+    if label.startswith(("B-", "I-")):
+        return label[0], label[2:]
+    return "I", label
+
+
+class TokenClassifier:
+    def __init__(self, head: MlpHead, labels: tuple[str, ...]) -> None:
+        if head.num_labels != len(labels):
+            raise ValueError(f"head has {head.num_labels} outputs for {len(labels)} labels")
+        self.head = head
+        self.labels = labels
+
+    def token_probs(self, states: np.ndarray) -> np.ndarray:
+        return softmax(self.head.logits(states))
+
+    def entities(
+        self, text: str, tokens: TokenizedText, states: np.ndarray, aggregation: Aggregation
+    ) -> list[Entity]:
+        probs = self.token_probs(states)
+        real = [i for i, word in enumerate(tokens.word_ids) if word is not None]
+        if aggregation == "none":
+            out = []
+            for i in real:
+                best = int(probs[i].argmax())
+                if self.labels[best] != "O":
+                    start, end = tokens.offsets[i]
+                    out.append(
+                        Entity(self.labels[best], float(probs[i, best]), text[start:end], start, end, i)
+                    )
+            return out
+        if aggregation == "simple":
+            pieces = [self._piece(probs[i], tokens.offsets[i]) for i in real]
+        else:
+            pieces = self._words(probs, tokens, real, aggregation)
+        return self._group(text, pieces)
+
+    def _piece(self, probs: np.ndarray, span: tuple[int, int]) -> _Piece:
+        best = int(probs.argmax())
+        return _Piece(self.labels[best], float(probs[best]), span[0], span[1])
+
+    def _words(
+        self, probs: np.ndarray, tokens: TokenizedText, real: list[int], aggregation: Aggregation
+    ) -> list[_Piece]:
+        words: dict[int, list[int]] = {}
+        for i in real:
+            words.setdefault(tokens.word_ids[i], []).append(i)  # type: ignore[arg-type]
+        pieces = []
+        for members in words.values():
+            span = (tokens.offsets[members[0]][0], tokens.offsets[members[-1]][1])
+            if aggregation == "first":
+                pieces.append(self._piece(probs[members[0]], span))
+            elif aggregation == "max":
+                strongest = max(members, key=lambda i: float(probs[i].max()))
+                pieces.append(self._piece(probs[strongest], span))
+            else:
+                pieces.append(self._piece(probs[members].mean(axis=0), span))
+        return pieces
+
+    @staticmethod
+    def _group(text: str, pieces: list[_Piece]) -> list[Entity]:
+        groups: list[list[_Piece]] = []
+        for piece in pieces:
+            if groups:
+                last_bi, last_tag = _split_tag(groups[-1][-1].label)
+                bi, tag = _split_tag(piece.label)
+                if tag == last_tag and bi != "B":
+                    groups[-1].append(piece)
+                    continue
+            groups.append([piece])
+        out = []
+        for group in groups:
+            _, tag = _split_tag(group[0].label)
+            if tag == "O":
+                continue
+            start, end = group[0].start, group[-1].end
+            score = float(np.mean([piece.score for piece in group]))
+            out.append(Entity(tag, score, text[start:end], start, end))
+        return out

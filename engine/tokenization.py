@@ -1,0 +1,66 @@
+"""Tokenization with Hugging Face `tokenizers`: ids, character offsets and word ids per text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedText:
+    """One text after tokenization: what the batcher and the task heads need of it."""
+
+    ids: np.ndarray  # int64 [length], special tokens included
+    offsets: tuple[tuple[int, int], ...]  # character span of each token in the text
+    word_ids: tuple[int | None, ...]  # word index of each token, None for special tokens
+    dropped_tokens: int  # tokens removed by truncation
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class TextTokenizer:
+    """Wraps a `tokenizer.json`, with its fixed padding and truncation turned off.
+
+    Packaged tokenizers often pad every text to a fixed length; served that way every request
+    would cost the price of the longest. Truncation is done here so the dropped count is known.
+    """
+
+    def __init__(self, path: Path, max_length: int) -> None:
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.max_length = max_length
+        sep = self._tokenizer.token_to_id("[SEP]")
+        if sep is None:
+            raise ValueError(f"{path} has no [SEP] token")
+        self._sep_id = sep
+
+    def encode_batch(self, texts: list[str]) -> list[TokenizedText]:
+        return [self._truncate(encoding) for encoding in self._tokenizer.encode_batch(texts)]
+
+    def encode_words_batch(self, sentences: list[list[str]]) -> list[TokenizedText]:
+        """Pre-split words (as in CoNLL data); offsets are then relative to each word."""
+        encodings = self._tokenizer.encode_batch(sentences, is_pretokenized=True)
+        return [self._truncate(encoding) for encoding in encodings]
+
+    def _truncate(self, encoding: Encoding) -> TokenizedText:
+        ids = encoding.ids
+        offsets = encoding.offsets
+        word_ids = encoding.word_ids
+        dropped = max(0, len(ids) - self.max_length)
+        if dropped:
+            keep = self.max_length - 1
+            ids = [*ids[:keep], self._sep_id]
+            offsets = [*offsets[:keep], (0, 0)]
+            word_ids = [*word_ids[:keep], None]
+        return TokenizedText(
+            ids=np.asarray(ids, dtype=np.int64),
+            offsets=tuple(offsets),
+            word_ids=tuple(word_ids),
+            dropped_tokens=dropped,
+        )

@@ -1,0 +1,1 @@
+"""Build-time code: the torch BERT, data from installed packages, training, export, bundles."""

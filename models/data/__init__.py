@@ -1,0 +1,1 @@
+"""Training and evaluation data, read from installed packages (never from a hub)."""
