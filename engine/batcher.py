@@ -117,7 +117,7 @@ class Batcher:
             states, seconds = await loop.run_in_executor(
                 self._executor, _encode, runtime, [item.payload.ids for item in batch.items], batch.max_len
             )
-        except Exception as exc:  # noqa: BLE001 - a runtime failure fails its batch, and is kept
+        except Exception as exc:
             self.failure = exc
             for item in batch.items:
                 if not item.payload.future.done():
@@ -138,7 +138,9 @@ class Batcher:
         self.metrics.queue_tokens.set(self.queue.queued_tokens)
         self.metrics.busy_runtimes.set(self._runtime_count - len(self._idle))
 
-    def warm_up(self, lengths: tuple[int, ...] = (8, 32, 128, 512), sizes: tuple[int, ...] = (1, 4, 16)) -> None:
+    def warm_up(
+        self, lengths: tuple[int, ...] = (8, 32, 128, 512), sizes: tuple[int, ...] = (1, 4, 16)
+    ) -> None:
         """Run every runtime over a grid of shapes (blocking) and seed the latency model."""
         for runtime in self._idle:
             for max_len in lengths:

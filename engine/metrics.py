@@ -18,14 +18,17 @@ ERROR_BUCKETS = (-1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 class EngineMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> Histogram:
+        def histogram(
+            name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()
+        ) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=registry)
 
         self.tokenize_seconds = histogram(
             "tokenize_duration_seconds", "Time to tokenize one request's inputs.", LATENCY_BUCKETS
         )
         self.queue_seconds = histogram(
-            "queue_duration_seconds", "Time an input waited in the queue before its batch ran.",
+            "queue_duration_seconds",
+            "Time an input waited in the queue before its batch ran.",
             LATENCY_BUCKETS,
         )
         self.inference_seconds = histogram(
@@ -38,24 +41,20 @@ class EngineMetrics:
         self.padding_ratio = histogram(
             "batch_padding_ratio", "Share of a batch's padded tokens that are padding.", RATIO_BUCKETS
         )
-        self.input_tokens = histogram(
-            "input_tokens", "Tokens per input after truncation.", TOKEN_BUCKETS
-        )
+        self.input_tokens = histogram("input_tokens", "Tokens per input after truncation.", TOKEN_BUCKETS)
         self.prediction_error = histogram(
             "latency_prediction_error_ratio",
             "(predicted - measured) / measured batch time of the latency model.",
             ERROR_BUCKETS,
         )
-        self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Inputs waiting in the queue.", registry=registry
-        )
-        self.queue_tokens = Gauge(
-            f"{PREFIX}_queue_tokens", "Tokens waiting in the queue.", registry=registry
-        )
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Inputs waiting in the queue.", registry=registry)
+        self.queue_tokens = Gauge(f"{PREFIX}_queue_tokens", "Tokens waiting in the queue.", registry=registry)
         self.busy_runtimes = Gauge(
             f"{PREFIX}_runtimes_busy", "Runtimes running a batch now.", registry=registry
         )
         self.rejections = Counter(
-            f"{PREFIX}_rejections", "Inputs refused or dropped, by reason.", ["reason"],
+            f"{PREFIX}_rejections",
+            "Inputs refused or dropped, by reason.",
+            ["reason"],
             registry=registry,
         )

@@ -4,9 +4,10 @@ Batch formation, each time a runtime is free:
 1. drop entries that were cancelled or whose deadline has passed (they are never computed);
 2. anchor the batch on the oldest entry, so no input waits behind an endless stream of others
    (a long input cannot starve);
-3. grow the batch with the entries nearest in length to what it holds, as long as the latency
-   model says it pays: the batch kept is the one that maximises real tokens per predicted second,
-   within the token budget (a padded batch costs n x max_len) and the size cap.
+3. grow the batch with the entries nearest in length to the anchor while the latency model says
+   each one pays its way: it joins if the batch's predicted time grows by no more than the
+   candidate would cost in an equally large batch of inputs of its own length. The token budget
+   (a padded batch costs n x max_len) and the size cap bound it.
 """
 
 from __future__ import annotations
@@ -134,13 +135,13 @@ class BatchQueue(Generic[T]):
         anchor = self._items[0]
         others = sorted(self._items[1:], key=lambda item: item.length)
         lengths = [item.length for item in others]
-        # Two cursors walk outwards from the anchor's length in sorted order.
+        # Two cursors walk outwards from the anchor's length in sorted order; a side closes at
+        # its first refusal (anything beyond is further in length and would cost more).
         right = bisect.bisect_left(lengths, anchor.length)
         left = right - 1
         chosen = [anchor]
         max_len = anchor.length
-        real = anchor.length
-        best = (real / self.latency.predict(1, max_len), 1, max_len)
+        predicted = self.latency.predict(1, max_len)
         limits = self.limits
         while len(chosen) < limits.max_batch_size and (left >= 0 or right < len(others)):
             take_left = right >= len(others) or (
@@ -148,23 +149,19 @@ class BatchQueue(Generic[T]):
             )
             candidate = others[left] if take_left else others[right]
             new_max = max(max_len, candidate.length)
-            if (len(chosen) + 1) * new_max > limits.max_batch_tokens:
-                break
+            size = len(chosen) + 1
+            grown = self.latency.predict(size, new_max)
+            # Join only if the batch grows by no more than the candidate would cost in a batch
+            # of the same size made of inputs of its own length (what padding it adds must be
+            # paid back by the per-call cost it shares).
+            fits = size * new_max <= limits.max_batch_tokens
+            pays = grown - predicted <= self.latency.predict(size, candidate.length) / size
             if take_left:
-                left -= 1
+                left = left - 1 if fits and pays else -1
             else:
-                right += 1
-            chosen.append(candidate)
-            max_len = new_max
-            real += candidate.length
-            efficiency = real / self.latency.predict(len(chosen), max_len)
-            if efficiency > best[0]:
-                best = (efficiency, len(chosen), max_len)
-        _, size, max_len = best
-        items = chosen[:size]
-        return Batch(
-            items=items,
-            max_len=max_len,
-            formed_at=now,
-            predicted_s=self.latency.predict(size, max_len),
-        )
+                right = right + 1 if fits and pays else len(others)
+            if fits and pays:
+                chosen.append(candidate)
+                max_len = new_max
+                predicted = grown
+        return Batch(items=chosen, max_len=max_len, formed_at=now, predicted_s=predicted)

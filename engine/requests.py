@@ -16,6 +16,7 @@ class ClassifyRequest:
     task: str | None = None  # None: the bundle's default classification task
     top_k: int = 1
     raw_scores: bool = False
+    truncate: bool = True  # False: an input over the model's maximum is refused
     timeout_s: float | None = None
 
 
@@ -31,6 +32,7 @@ class NerRequest:
 class EmbedRequest:
     texts: list[str]
     normalize: bool = True
+    truncate: bool = True
     timeout_s: float | None = None
 
 

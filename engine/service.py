@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.batcher import Batcher
 from engine.bundle import Bundle, TaskKind
-from engine.errors import DeadlineExceeded, NotFound, NotReady, Overloaded, PayloadTooLarge, ValidationError
+from engine.errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, ValidationError
 from engine.metrics import EngineMetrics
 from engine.requests import (
     ClassifyRequest,
@@ -101,7 +101,7 @@ class Service:
         classifier = self.classifiers[self.task_name(request.task, "classification")]
         if not 1 <= request.top_k <= min(self.limits.max_top_k, len(classifier.labels)):
             raise ValidationError(f"top_k must be between 1 and {len(classifier.labels)}")
-        encoded = await self._encode(request.texts, request.timeout_s)
+        encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
         results = []
         for item in encoded:
             if request.raw_scores:
@@ -124,7 +124,7 @@ class Service:
         ]
 
     async def embed(self, request: EmbedRequest) -> list[EmbedResult]:
-        encoded = await self._encode(request.texts, request.timeout_s)
+        encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
         results = []
         for item in encoded:
             vector = mean_pool(item.states)
@@ -150,7 +150,9 @@ class Service:
                     f"input {index} has {len(text)} characters; the limit is {self.limits.max_input_chars}"
                 )
 
-    async def _encode(self, texts: list[str], timeout_s: float | None) -> list[_Encoded]:
+    async def _encode(
+        self, texts: list[str], timeout_s: float | None, truncate: bool = True
+    ) -> list[_Encoded]:
         self._validate(texts)
         started = time.monotonic()
         timeout = self.limits.default_timeout_s if timeout_s is None else timeout_s
@@ -158,6 +160,13 @@ class Service:
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_batch, texts)
         self.metrics.tokenize_seconds.observe(time.monotonic() - started)
+        if not truncate:
+            for index, item in enumerate(tokens):
+                if item.dropped_tokens:
+                    raise PayloadTooLarge(
+                        f"input {index} has {item.length + item.dropped_tokens} tokens; the limit "
+                        f"is {self.tokenizer.max_length} (set truncate to true to cut it)"
+                    )
         self._admit(tokens, deadline)
         futures = [self.batcher.submit(item.ids, deadline) for item in tokens]
         for item in tokens:
@@ -179,10 +188,8 @@ class Service:
         queue = self.batcher.queue
         limits = queue.limits
         new_tokens = sum(item.length for item in tokens)
-        if (
-            len(queue) + len(tokens) > limits.max_queue_items
-            or queue.queued_tokens + new_tokens > limits.max_queue_tokens
-            and len(queue) > 0
+        if len(queue) + len(tokens) > limits.max_queue_items or (
+            queue.queued_tokens + new_tokens > limits.max_queue_tokens and len(queue) > 0
         ):
             self.metrics.rejections.labels("queue_full").inc()
             raise Overloaded("the server is at capacity", retry_after_s=self.batcher.estimated_wait_s())

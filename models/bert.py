@@ -98,9 +98,7 @@ class Layer(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.attention = AttentionBlock(config)
-        self.intermediate = nn.ModuleDict(
-            {"dense": nn.Linear(config.hidden_size, config.intermediate_size)}
-        )
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.intermediate_size)})
         self.output = nn.ModuleDict(
             {
                 "dense": nn.Linear(config.intermediate_size, config.hidden_size),

@@ -53,7 +53,7 @@ def train_mlp_head(
     best_head, best_score = _to_numpy_head(model), float("-inf")
     for _ in range(epochs):
         model.train()
-        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+        for batch in torch.split(torch.randperm(len(x), generator=generator), batch_size):
             optimizer.zero_grad()
             loss = loss_fn(model(x[batch]), y[batch])
             loss.backward()

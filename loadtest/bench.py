@@ -1,0 +1,236 @@
+"""`sparsebert bench`: the server vs naive per-request serving vs the raw engine, in one run.
+
+- server: `sparsebert serve` with its defaults, over HTTP, closed-loop clients at each concurrency;
+- naive: the same bundle and HTTP stack, one request at a time (one session using both cores,
+  batches of one), which is what a hand-written "session.run per request" endpoint does;
+- ceiling: the ONNX sessions alone, fed ideal length-sorted batches of the same texts, no HTTP.
+
+The load generator is this process; its CPU time is printed, since it shares the 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from engine.bundle import load_bundle
+from engine.runtime.base import pad_batch
+from engine.runtime.onnx import OnnxEncoderRuntime
+from engine.tokenization import TextTokenizer
+from loadtest.workload import load_workload
+
+NAIVE_FLAGS = ("--runtimes", "1", "--intra-op-threads", "2", "--max-batch-size", "1")
+
+
+@dataclass
+class LoadResult:
+    setup: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    loadgen_cpu_share: float  # of one core, over the run
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _closed_loop(
+    url: str, texts: list[str], concurrency: int, duration_s: float, setup: str
+) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    cursor = 0
+    stop_at = time.perf_counter() + duration_s
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+
+        async def user(offset: int) -> None:
+            nonlocal errors, cursor
+            while time.perf_counter() < stop_at:
+                text = texts[cursor % len(texts)]
+                cursor += 1
+                started = time.perf_counter()
+                response = await client.post("/v1/classify", json={"inputs": text})
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+        cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
+        await asyncio.gather(*(user(i) for i in range(concurrency)))
+        cpu, wall = _cpu_seconds() - cpu_before, time.perf_counter() - wall_before
+    lat = np.array(latencies) * 1000
+    return LoadResult(
+        setup=setup,
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(wall, 2),
+        rps=round(len(latencies) / wall, 1),
+        p50_ms=round(float(np.percentile(lat, 50)), 1),
+        p99_ms=round(float(np.percentile(lat, 99)), 1),
+        loadgen_cpu_share=round(cpu / wall, 2),
+    )
+
+
+def _start_server(bundle: Path, port: int, flags: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle), "--port", str(port),
+         "--log-level", "warning", *flags],
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise TimeoutError("server did not become ready")
+
+
+def _run_setup(
+    setup: str,
+    flags: tuple[str, ...],
+    bundle: Path,
+    port: int,
+    texts: list[str],
+    levels: list[int],
+    duration_s: float,
+) -> list[LoadResult]:
+    process = _start_server(bundle, port, flags)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_closed_loop(url, texts, 4, 2.0, setup))  # warm the connections and caches
+        results = []
+        for level in levels:
+            result = asyncio.run(_closed_loop(url, texts, level, duration_s, setup))
+            print(
+                f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
+                f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
+                f"loadgen cpu {result.loadgen_cpu_share:.2f}",
+                flush=True,
+            )
+            results.append(result)
+        return results
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def raw_ceiling(bundle_dir: Path, texts: list[str], runtimes: int, duration_s: float) -> dict[str, float]:
+    """Texts/s of `runtimes` single-thread sessions fed length-sorted batches, best token budget."""
+    bundle = load_bundle(bundle_dir, allow_failed_gates=True)
+    tokenizer = TextTokenizer(bundle.path(bundle.manifest.tokenizer), bundle.manifest.max_length)
+    tokens = sorted(tokenizer.encode_batch(texts), key=lambda t: t.length)
+    model = bundle.path(bundle.manifest.encoders["int8"].file)
+    sessions = [OnnxEncoderRuntime(model, intra_op_threads=1) for _ in range(runtimes)]
+    best: dict[str, float] = {}
+    for budget in (256, 1024, 4096):
+        batches = []
+        start = 0
+        while start < len(tokens):
+            end = start + 1
+            while end < len(tokens) and (end - start + 1) * tokens[end].length <= budget:
+                end += 1
+            batches.append(pad_batch([t.ids for t in tokens[start:end]], tokens[end - 1].length))
+            start = end
+        done = [0] * runtimes
+        stop_at = time.perf_counter() + duration_s
+
+        def worker(
+            index: int,
+            session: OnnxEncoderRuntime,
+            batches: list[tuple[np.ndarray, np.ndarray]],
+            stop: float,
+            counts: list[int],
+        ) -> None:
+            i = index
+            while time.perf_counter() < stop:
+                ids, mask = batches[i % len(batches)]
+                session.encode(ids, mask)
+                counts[index] += ids.shape[0]
+                i += runtimes
+
+        started = time.perf_counter()
+        threads = [
+            threading.Thread(target=worker, args=(i, s, batches, stop_at, done))
+            for i, s in enumerate(sessions)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rate = sum(done) / (time.perf_counter() - started)
+        print(f"  ceiling  batch budget {budget:5} tokens: {rate:7.1f} texts/s", flush=True)
+        if rate > best.get("texts_per_s", 0.0):
+            best = {"texts_per_s": round(rate, 1), "batch_tokens": budget}
+    return best
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sparsebert bench", description=__doc__)
+    parser.add_argument("--bundle", type=Path, default=Path("bundles/minilm-multitask"))
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    texts = load_workload()
+    print(f"workload: {len(texts)} texts, CPUs: {os.cpu_count()}; {args.duration:g} s per point", flush=True)
+
+    server = _run_setup("server", (), args.bundle, args.port, texts, levels, args.duration)
+    naive = (
+        []
+        if args.skip_naive
+        else _run_setup("naive", NAIVE_FLAGS, args.bundle, args.port, texts, levels, args.duration)
+    )
+    ceiling = raw_ceiling(args.bundle, texts, runtimes=2, duration_s=args.duration)
+
+    print("\n| setup | concurrency | req/s | p50 ms | p99 ms | p99/p50 | errors | load-gen CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in server + naive:
+        print(f"| {r.setup} | {r.concurrency} | {r.rps} | {r.p50_ms} | {r.p99_ms} | "
+              f"{r.p99_ms / r.p50_ms:.2f} | {r.errors} | {r.loadgen_cpu_share:.2f} core |")  # fmt: skip
+    print(
+        f"| raw engine ceiling (2 sessions x 1 thread, sorted batches <= {ceiling['batch_tokens']} tokens) "
+        f"| - | {ceiling['texts_per_s']} | - | - | - | - | - |"
+    )
+    top = max(levels)
+    server_top = next(r for r in server if r.concurrency == top)
+    print(f"\nat concurrency {top}: server / ceiling = {server_top.rps / ceiling['texts_per_s']:.2f}", end="")
+    if naive:
+        naive_top = next(r for r in naive if r.concurrency == top)
+        print(f", server / naive = {server_top.rps / naive_top.rps:.2f}")
+    print()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"server": [asdict(r) for r in server], "naive": [asdict(r) for r in naive], "ceiling": ceiling},
+            indent=2,
+        )
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""Transports: HTTP/JSON (FastAPI) over the engine's Service."""

@@ -1,0 +1,137 @@
+"""The composition root: builds the engine, metrics and routes for one app, in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.responses import Response
+
+from engine.batcher import Batcher
+from engine.bundle import Bundle, load_bundle
+from engine.metrics import EngineMetrics
+from engine.queue import BatchLimits
+from engine.runtime.base import EncoderRuntime
+from engine.runtime.onnx import OnnxEncoderRuntime
+from engine.service import Service, ServiceLimits
+from engine.tokenization import TextTokenizer
+from server.docs import install_docs
+from server.errors import install_error_handlers
+from server.metrics import HttpMetrics
+from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.routes import router
+from server.settings import Settings
+
+log = logging.getLogger("sparsebert")
+
+
+def server_version() -> str:
+    try:
+        return version("sparsebert-serve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_service(settings: Settings, bundle: Bundle, metrics: EngineMetrics) -> Service:
+    manifest = bundle.manifest
+    if settings.max_batch_tokens < manifest.max_length:
+        raise ValueError(
+            f"max_batch_tokens ({settings.max_batch_tokens}) must hold one input of the model's "
+            f"maximum length ({manifest.max_length})"
+        )
+    encoder = manifest.encoders.get("int8") or next(iter(manifest.encoders.values()))
+    runtimes: list[EncoderRuntime] = [
+        OnnxEncoderRuntime(
+            bundle.path(encoder.file), intra_op_threads=settings.intra_op_threads, name=f"onnx-{i}"
+        )
+        for i in range(settings.runtimes)
+    ]
+    limits = BatchLimits(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue_items=settings.max_queue_items,
+        max_queue_tokens=settings.max_queue_tokens,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+    )
+    return Service(
+        bundle=bundle,
+        tokenizer=TextTokenizer(bundle.path(manifest.tokenizer), manifest.max_length),
+        batcher=Batcher(runtimes, limits, metrics),
+        metrics=metrics,
+        limits=ServiceLimits(
+            max_inputs=settings.max_inputs_per_request,
+            max_input_chars=settings.max_input_chars,
+            default_timeout_s=settings.request_timeout_s,
+        ),
+        tokenizer_threads=settings.tokenizer_threads,
+    )
+
+
+def _log_warm_up_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("warm-up failed; the server stays unready: %r", task.exception())
+
+
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """`bundle`: one already loaded and verified (the CLI checks it before it binds the port)."""
+    settings = settings or Settings()
+    registry = CollectorRegistry()
+    http_metrics = HttpMetrics(registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        loaded = bundle
+        if loaded is None:
+            loaded = await loop.run_in_executor(
+                None, lambda: load_bundle(settings.bundle, allow_failed_gates=settings.allow_failed_gates)
+            )
+        service = await loop.run_in_executor(None, build_service, settings, loaded, EngineMetrics(registry))
+        http_metrics.build.info(
+            {
+                "version": server_version(),
+                "bundle": loaded.manifest.name,
+                "bundle_version": loaded.manifest.version,
+                "runtime": "onnxruntime-cpu",
+                "precision": ",".join(loaded.manifest.encoders),
+            }
+        )
+        app.state.service = service
+        # Warm up in the background: the port answers /health/live at once, /health/ready after.
+        warm_up = asyncio.create_task(service.start())
+        warm_up.add_done_callback(_log_warm_up_failure)
+        log.info("serving bundle %s (%s) from %s", loaded.manifest.name, loaded.manifest.version, loaded.root)
+        try:
+            yield
+        finally:
+            warm_up.cancel()
+            await service.close()
+
+    app = FastAPI(
+        title="sparsebert-serve",
+        version=server_version(),
+        description="Classification and NER from INT8 BERT encoders, with length-aware dynamic batching.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    install_error_handlers(app)
+    install_docs(app)
+    app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestMetricsMiddleware, duration=http_metrics.request_seconds, in_flight=http_metrics.in_flight
+    )
+    return app

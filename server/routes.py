@@ -1,0 +1,194 @@
+"""HTTP routes: wire schema <-> engine request, nothing more."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Header, Request
+from starlette.responses import Response
+
+from engine.errors import NotReady, ValidationError
+from engine.requests import ClassifyRequest, EmbedRequest, NerRequest
+from engine.requests import Usage as EngineUsage
+from engine.service import Service
+from engine.tasks.ner import Entity
+from server import schemas
+from server.errors import error_response
+
+router = APIRouter()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorBody, "description": text}
+    for code, text in {
+        413: "Too many inputs, an input too long, or a body too large",
+        422: "Invalid request: empty input, wrong types, invalid JSON, unknown model",
+        429: "Overloaded: the queue is full (see Retry-After)",
+        503: "Not ready: warming up or shutting down",
+        504: "The request's deadline passed",
+    }.items()
+}
+
+
+def _json(payload: Any) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+def _service(request: Request) -> Service:
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        raise NotReady("the model is loading or warming up")
+    return service
+
+
+def _texts(inputs: str | list[str]) -> list[str]:
+    return [inputs] if isinstance(inputs, str) else inputs
+
+
+def _timeout(header: str | None) -> float | None:
+    if header is None:
+        return None
+    try:
+        value = float(header)
+    except ValueError:
+        raise ValidationError(f"X-Request-Timeout must be a number of seconds, got {header!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValidationError("X-Request-Timeout must be a positive number of seconds")
+    return value
+
+
+def _usage(usage: EngineUsage) -> dict[str, int]:
+    return {"tokens": usage.tokens, "truncated_tokens": usage.truncated_tokens}
+
+
+def _entity(entity: Entity, per_token: bool) -> dict[str, Any]:
+    out: dict[str, Any] = (
+        {"entity": entity.label, "index": entity.index} if per_token else {"entity_group": entity.label}
+    )
+    out.update(score=entity.score, word=entity.word, start=entity.start, end=entity.end)
+    return out
+
+
+TimeoutHeader = Header(None, alias="X-Request-Timeout", description="Deadline in seconds.")
+
+
+@router.post("/v1/classify", response_model=schemas.ClassifyResponse, responses=ERRORS, tags=["tasks"])
+async def classify(
+    body: schemas.ClassifyBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+) -> Response:
+    service = _service(request)
+    task = service.task_name(body.model, "classification")
+    request.state.task = task
+    results = await service.classify(
+        ClassifyRequest(
+            _texts(body.inputs), task, body.top_k, body.raw_scores, timeout_s=_timeout(x_request_timeout)
+        )
+    )
+    return _json(
+        {
+            "model": task,
+            "results": [
+                {
+                    "labels": [{"label": ls.label, "score": ls.score} for ls in r.labels],
+                    "usage": _usage(r.usage),
+                }
+                for r in results
+            ],
+        }
+    )
+
+
+@router.post("/v1/ner", response_model=schemas.NerResponse, responses=ERRORS, tags=["tasks"])
+async def ner(
+    body: schemas.NerBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+) -> Response:
+    service = _service(request)
+    task = service.task_name(body.model, "token-classification")
+    request.state.task = task
+    results = await service.ner(
+        NerRequest(
+            _texts(body.inputs), task, body.aggregation_strategy, timeout_s=_timeout(x_request_timeout)
+        )
+    )
+    per_token = body.aggregation_strategy == "none"
+    return _json(
+        {
+            "model": task,
+            "results": [
+                {"entities": [_entity(e, per_token) for e in r.entities], "usage": _usage(r.usage)}
+                for r in results
+            ],
+        }
+    )
+
+
+@router.post("/predict", responses=ERRORS, tags=["text-embeddings-inference"])
+async def predict(
+    body: schemas.PredictBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+) -> Response:
+    """text-embeddings-inference's /predict: every label with its score, best first."""
+    service = _service(request)
+    task = service.task_name(None, "classification")
+    request.state.task = task
+    texts = _texts(body.inputs)
+    results = await service.classify(
+        ClassifyRequest(
+            texts,
+            task,
+            top_k=len(service.classifiers[task].labels),
+            raw_scores=body.raw_scores,
+            truncate=body.truncate,
+            timeout_s=_timeout(x_request_timeout),
+        )
+    )
+    scored = [[{"score": ls.score, "label": ls.label} for ls in r.labels] for r in results]
+    return _json(scored[0] if isinstance(body.inputs, str) else scored)
+
+
+@router.post("/embed", responses=ERRORS, tags=["text-embeddings-inference"])
+async def embed(
+    body: schemas.EmbedBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+) -> Response:
+    """text-embeddings-inference's /embed: mean-pooled sentence embeddings, one list per input."""
+    request.state.task = "embed"
+    results = await _service(request).embed(
+        EmbedRequest(_texts(body.inputs), body.normalize, body.truncate, _timeout(x_request_timeout))
+    )
+    return _json([r.embedding for r in results])
+
+
+@router.get("/v1/models", response_model=schemas.ModelList, tags=["meta"])
+async def models(request: Request) -> Response:
+    manifest = _service(request).bundle.manifest
+    precision = ",".join(spec.precision for spec in manifest.encoders.values())
+    return _json(
+        {
+            "data": [
+                {
+                    "id": name,
+                    "task": task.kind,
+                    "labels": list(task.labels),
+                    "description": task.description,
+                    "bundle": manifest.name,
+                    "version": manifest.version,
+                    "max_length": manifest.max_length,
+                    "precision": precision,
+                }
+                for name, task in manifest.tasks.items()
+            ]
+        }
+    )
+
+
+@router.get("/health/live", tags=["meta"])
+async def live() -> Response:
+    return _json({"status": "alive"})
+
+
+@router.get("/health/ready", tags=["meta"], responses={503: ERRORS[503]})
+async def ready(request: Request) -> Response:
+    try:
+        _service(request)
+    except NotReady as error:
+        return error_response(error.kind, error.message)
+    return _json({"status": "ready"})

@@ -1,0 +1,58 @@
+"""The one settings object: every option is a CLI flag (`--max-batch-size`) and an env var
+(`SPARSEBERT_MAX_BATCH_SIZE`). Defaults are the embedded ones: no Redis, the packaged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BUNDLE = Path("bundles/minilm-multitask")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPARSEBERT_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="sparsebert serve",
+        extra="ignore",
+    )
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    bundle: Path = Field(DEFAULT_BUNDLE, description="Model bundle directory (with manifest.json).")
+    build_missing_bundle: bool = Field(
+        True, description="Build the default bundle from packaged weights if it is absent."
+    )
+    allow_failed_gates: bool = Field(
+        False, description="Serve a bundle whose quality gates failed (never in production)."
+    )
+    runtimes: int = Field(
+        2, ge=1, le=64, description="Encoder sessions run side by side (one worker thread each)."
+    )
+    intra_op_threads: int = Field(1, ge=1, le=64, description="Threads inside each session.")
+    tokenizer_threads: int = Field(1, ge=1, le=16, description="Tokenizer worker threads.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most inputs in one batch.")
+    max_batch_tokens: int = Field(
+        8192, ge=512, description="Most padded tokens (inputs x longest) in one batch."
+    )
+    max_batch_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="Hold a batch that could still grow for at most this long."
+    )
+    max_queue_items: int = Field(256, ge=1, description="Inputs waiting at most; beyond: 429.")
+    max_queue_tokens: int = Field(65536, ge=512, description="Tokens waiting at most; beyond: 429.")
+    max_inputs_per_request: int = Field(64, ge=1, description="Texts in one request; beyond: 413.")
+    max_input_chars: int = Field(100_000, ge=1, description="Characters in one text; beyond: 413.")
+    max_request_bytes: int = Field(2_000_000, ge=1024, description="Request body size; beyond: 413.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of a request without an X-Request-Timeout header."
+    )
+    log_level: str = Field("info", description="uvicorn log level.")
+
+    @model_validator(mode="after")
+    def _batch_fits_longest_input(self) -> Settings:
+        if self.max_queue_items < self.max_inputs_per_request:
+            raise ValueError("max_queue_items must be at least max_inputs_per_request")
+        return self

@@ -1,0 +1,131 @@
+"""The batcher with a fake runtime: routing of rows, cancellation, deadlines, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from engine.batcher import Batcher
+from engine.errors import DeadlineExceeded
+from engine.metrics import EngineMetrics
+from engine.queue import BatchLimits
+
+
+class FakeRuntime:
+    """Echoes each token id into its state, so every row can be checked; records batch shapes."""
+
+    name = "fake"
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.shapes: list[tuple[int, int]] = []
+        self.seen_ids: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.gate.wait(5)
+        self.shapes.append(input_ids.shape)
+        self.seen_ids.extend(int(row[0]) for row in input_ids)
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("engine on fire")
+        return (input_ids[:, :, None] * attention_mask[:, :, None]).astype(np.float32)
+
+
+def make_batcher(*runtimes: FakeRuntime, **limits: float) -> Batcher:
+    return Batcher(list(runtimes), BatchLimits(**limits), EngineMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+
+
+def ids(first: int, length: int) -> np.ndarray:
+    return np.arange(first, first + length, dtype=np.int64)
+
+
+def test_each_input_gets_its_own_unpadded_rows() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime(delay_s=0.01)
+        batcher = make_batcher(runtime)
+        deadline = time.monotonic() + 10
+        inputs = [ids(100 * i + 1, length) for i, length in enumerate([5, 30, 7, 6, 28])]
+        futures = [batcher.submit(x, deadline) for x in inputs]
+        states = await asyncio.gather(*futures)
+        for x, state in zip(inputs, states, strict=True):
+            assert state.shape == (len(x), 1)
+            np.testing.assert_array_equal(state[:, 0], x)
+        # The first input ran alone (the runtime was idle); the rest grouped by length.
+        assert runtime.shapes[0] == (1, 5)
+        assert sum(shape[0] for shape in runtime.shapes) == 5
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_inputs_cancelled_before_compute_are_never_computed() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        runtime.gate.clear()  # hold the first batch so the others queue up
+        batcher = make_batcher(runtime)
+        deadline = time.monotonic() + 10
+        first = batcher.submit(ids(1, 4), deadline)
+        await asyncio.sleep(0.05)
+        doomed = batcher.submit(ids(500, 4), deadline)
+        kept = batcher.submit(ids(900, 4), deadline)
+        doomed.cancel()
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+        assert len(batcher.queue) == 1
+        runtime.gate.set()
+        await asyncio.gather(first, kept)
+        assert 500 not in runtime.seen_ids and 900 in runtime.seen_ids
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_inputs_past_their_deadline_fail_without_compute() -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        runtime.gate.clear()
+        batcher = make_batcher(runtime)
+        first = batcher.submit(ids(1, 4), time.monotonic() + 10)
+        await asyncio.sleep(0.05)
+        late = batcher.submit(ids(700, 4), time.monotonic() + 0.01)
+        await asyncio.sleep(0.05)
+        runtime.gate.set()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert 700 not in runtime.seen_ids
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_runtime_failure_fails_its_batch_and_is_kept() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(FakeRuntime(fail=True))
+        with pytest.raises(RuntimeError, match="on fire"):
+            await batcher.submit(ids(1, 4), time.monotonic() + 10)
+        assert isinstance(batcher.failure, RuntimeError)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_two_runtimes_run_batches_side_by_side() -> None:
+    async def scenario() -> None:
+        runtimes = [FakeRuntime(delay_s=0.1), FakeRuntime(delay_s=0.1)]
+        batcher = make_batcher(*runtimes, max_batch_size=1)
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.submit(ids(i * 10 + 1, 4), started + 10) for i in range(4)))
+        elapsed = time.monotonic() - started
+        assert all(len(r.shapes) == 2 for r in runtimes)
+        assert elapsed < 0.39  # four 0.1 s batches on two runtimes: about 0.2 s, not 0.4 s
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,112 @@
+"""Batch formation as plain state: no model, no threads, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.cost_model import LatencyModel
+from engine.errors import Overloaded
+from engine.queue import BatchLimits, BatchQueue, QueuedItem
+
+
+def padded_cost_model(per_call_s: float = 1e-3, per_token_s: float = 1e-5) -> LatencyModel:
+    model = LatencyModel()
+    for size, length in [(1, 8), (1, 64), (4, 32), (8, 128), (16, 16), (2, 256)]:
+        model.observe(size, length, per_call_s + per_token_s * size * length)
+    model.refit()
+    return model
+
+
+def item(length: int, at: float = 0.0, deadline: float = 1e9, name: str = "") -> QueuedItem[str]:
+    return QueuedItem(length=length, enqueued_at=at, deadline=deadline, payload=name or str(length))
+
+
+def make_queue(**limits: float) -> BatchQueue[str]:
+    return BatchQueue(BatchLimits(**limits), padded_cost_model())  # type: ignore[arg-type]
+
+
+def test_latency_model_learns_a_linear_cost() -> None:
+    model = padded_cost_model(per_call_s=2e-3, per_token_s=3e-5)
+    assert model.predict(4, 100) == pytest.approx(2e-3 + 3e-5 * 400, rel=0.05)
+    assert model.predict(16, 100) > model.predict(4, 100)
+
+
+def test_batch_groups_similar_lengths_around_the_oldest() -> None:
+    queue = make_queue()
+    for length, at in [(20, 0.0), (200, 0.1), (22, 0.2), (210, 0.3), (18, 0.4)]:
+        queue.put(item(length, at))
+    batch = queue.next_batch(now=1.0).batch
+    assert batch is not None
+    assert sorted(i.length for i in batch.items) == [18, 20, 22]
+    assert batch.max_len == 22
+    rest = queue.next_batch(now=1.0).batch
+    assert rest is not None and sorted(i.length for i in rest.items) == [200, 210]
+
+
+def test_oldest_input_always_rides_the_next_batch() -> None:
+    """A long input does not starve behind a stream of short ones."""
+    queue = make_queue(max_batch_tokens=1024)
+    queue.put(item(500, at=0.0, name="long"))
+    for i in range(50):
+        queue.put(item(10, at=0.1 + i * 0.01))
+    batch = queue.next_batch(now=1.0).batch
+    assert batch is not None and batch.items[0].payload == "long"
+
+
+def test_token_budget_and_size_cap_bound_a_batch() -> None:
+    queue = make_queue(max_batch_tokens=256, max_batch_size=4)
+    for i in range(10):
+        queue.put(item(60 + i, at=i * 0.01))
+    batch = queue.next_batch(now=1.0).batch
+    assert batch is not None
+    assert batch.size <= 4
+    assert batch.padded_tokens <= 256
+
+
+def test_expired_and_cancelled_inputs_are_never_batched() -> None:
+    queue = make_queue()
+    late = item(10, at=0.0, deadline=0.5, name="late")
+    gone = item(10, at=0.0, name="gone")
+    gone.cancelled = True
+    queue.put(late)
+    queue.put(gone)
+    queue.put(item(10, at=0.1, name="ok"))
+    formation = queue.next_batch(now=1.0)
+    assert [i.payload for i in formation.expired] == ["late"]
+    assert formation.batch is not None and [i.payload for i in formation.batch.items] == ["ok"]
+    assert len(queue) == 0 and queue.queued_tokens == 0
+
+
+def test_full_queue_refuses_with_a_retry_hint() -> None:
+    queue = make_queue(max_queue_items=2)
+    queue.put(item(10))
+    queue.put(item(10))
+    with pytest.raises(Overloaded) as raised:
+        queue.put(item(10))
+    assert raised.value.retry_after_s is not None
+
+
+def test_token_cap_refuses_but_never_an_empty_queue() -> None:
+    queue = make_queue(max_queue_tokens=600)
+    queue.put(item(500))
+    with pytest.raises(Overloaded):
+        queue.put(item(200))
+    queue.discard(queue.next_batch(now=1.0).batch.items[0])  # type: ignore[union-attr]
+    queue.put(item(700))  # alone it is admitted: the cap must not block an input forever
+
+
+def test_max_wait_holds_a_batch_that_could_still_grow() -> None:
+    queue = make_queue(max_wait_s=0.01)
+    queue.put(item(10, at=0.0))
+    assert queue.next_batch(now=0.005).batch is None
+    batch = queue.next_batch(now=0.011).batch
+    assert batch is not None and batch.size == 1
+
+
+def test_discard_removes_a_waiting_input_once() -> None:
+    queue = make_queue()
+    waiting = item(10)
+    queue.put(waiting)
+    assert queue.discard(waiting)
+    assert not queue.discard(waiting)
+    assert queue.queued_tokens == 0
