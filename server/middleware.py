@@ -6,11 +6,11 @@ can refuse an oversized body before it is read.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from prometheus_client import Gauge, Histogram
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.errors import ErrorKind
@@ -35,27 +35,28 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send)
             return
         received = 0
-        response_started = False
+        too_large = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
+        async def guarded_send(message: Message) -> None:
+            # Once the body overflowed, whatever the app answers (a framework turns the
+            # exception into a 400) is replaced by the 413 below.
+            if not too_large:
+                await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not response_started:
-                await self._refuse(scope, receive, send)
+        with contextlib.suppress(BodyTooLarge):
+            await self.app(scope, limited_receive, guarded_send)
+        if too_large:
+            await self._refuse(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
@@ -97,8 +98,6 @@ class RequestMetricsMiddleware:
 
 
 def _route(scope: Scope) -> str:
-    for route in scope["app"].router.routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "other"))
-    return "unmatched"
+    """The matched route's template (the router records it in the scope): bounded cardinality."""
+    route = scope.get("route")
+    return str(getattr(route, "path", "unmatched"))

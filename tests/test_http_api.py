@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ NEGATIVE = [
     "A dull, boring and badly written mess that wastes its actors.",
     "The worst film I have seen in years: tedious, ugly and stupid.",
 ]
-NER_TEXT = "Angela Merkel met Barack Obama in Berlin to discuss the European Union."
+NER_TEXT = "Shares of Microsoft rose in New York after Bill Gates spoke."
 
 
 def error_of(response: httpx.Response, status: int) -> str:
@@ -66,10 +67,7 @@ def test_ner_finds_people_places_and_organisations_with_exact_offsets(client: ht
     found = {(e["entity_group"], e["word"]) for e in entities}
     for entity in entities:
         assert NER_TEXT[entity["start"] : entity["end"]] == entity["word"]
-    assert ("PER", "Angela Merkel") in found
-    assert ("PER", "Barack Obama") in found
-    assert ("LOC", "Berlin") in found
-    assert ("ORG", "European Union") in found
+    assert found == {("ORG", "Microsoft"), ("LOC", "New York"), ("PER", "Bill Gates")}
 
 
 @pytest.mark.parametrize("strategy", ["none", "simple", "first", "average", "max"])
@@ -241,7 +239,11 @@ def test_metrics_expose_the_serving_histograms(client: httpx.Client) -> None:
         "sparsebert_build_info",
     ]:
         assert name in text, name
-    assert 'route="/v1/classify",status="200",task="sentiment"' in text
+    assert re.search(
+        r'request_duration_seconds_count\{(?=[^}]*route="/v1/classify")(?=[^}]*task="sentiment")'
+        r'(?=[^}]*status="200")',
+        text,
+    )
 
 
 def test_docs_render_from_local_assets(client: httpx.Client) -> None:
