@@ -1,16 +1,19 @@
-"""Drives the queue: forms a batch whenever a runtime is free and runs it on a worker thread.
+"""Drives the queue: forms batches and hands them to one worker thread per runtime.
 
 Event-driven on the asyncio loop (no polling): a batch is formed when an input arrives or a
-runtime finishes. Runtimes run in their own threads; ONNX Runtime releases the GIL while it
-computes, so the loop stays free for I/O.
+runtime finishes. Each runtime has its own thread (ONNX Runtime releases the GIL while it
+computes) and a one-batch inbox: while it computes one batch the next is already formed, so a
+runtime never idles waiting for the event loop to notice it finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,11 +23,21 @@ from engine.metrics import EngineMetrics
 from engine.queue import Batch, BatchLimits, BatchQueue, QueuedItem
 from engine.runtime.base import EncoderRuntime, pad_batch
 
+PREFETCH = 1  # batches formed ahead per runtime, beyond the one it computes
+
 
 @dataclass(slots=True)
 class EncodeJob:
     ids: np.ndarray
     future: asyncio.Future[np.ndarray]
+
+
+@dataclass(eq=False)
+class _Worker:
+    runtime: EncoderRuntime
+    inbox: queue.SimpleQueue[Batch[EncodeJob] | None] = field(default_factory=queue.SimpleQueue)
+    assigned: int = 0  # batches handed over and not yet completed (touched on the loop only)
+    thread: threading.Thread | None = None
 
 
 class Batcher:
@@ -40,23 +53,21 @@ class Batcher:
         self.latency = latency or LatencyModel()
         self.queue: BatchQueue[EncodeJob] = BatchQueue(limits, self.latency)
         self.metrics = metrics
-        self._idle = list(runtimes)
-        self._runtime_count = len(runtimes)
-        self._executor = ThreadPoolExecutor(len(runtimes), thread_name_prefix="runtime")
+        self._workers = [_Worker(runtime) for runtime in runtimes]
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Future[None]] = set()
         self.failure: BaseException | None = None
 
     @property
     def runtimes(self) -> int:
-        return self._runtime_count
+        return len(self._workers)
 
     def estimated_wait_s(self) -> float:
-        return self.queue.drain_estimate_s(self._runtime_count)
+        return self.queue.drain_estimate_s(len(self._workers))
 
     def submit(self, ids: np.ndarray, deadline: float) -> asyncio.Future[np.ndarray]:
         """Queue one tokenized input; raises Overloaded if the queue is full."""
-        loop = asyncio.get_running_loop()
+        loop = self._started_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         item = QueuedItem(
             length=int(ids.shape[0]),
@@ -70,29 +81,51 @@ class Batcher:
         self._dispatch()
         return future
 
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            for index, worker in enumerate(self._workers):
+                worker.thread = threading.Thread(
+                    target=self._work, args=(worker,), name=f"runtime-{index}", daemon=True
+                )
+                worker.thread.start()
+        return self._loop
+
     def _on_waiter_done(self, item: QueuedItem[EncodeJob], future: asyncio.Future[np.ndarray]) -> None:
-        if future.cancelled() and self.queue.discard(item):
+        if not future.cancelled():
+            return
+        item.cancelled = True  # a batch already formed skips it too
+        if self.queue.discard(item):
             self.metrics.rejections.labels("cancelled").inc()
             self._update_gauges()
 
     def _dispatch(self) -> None:
-        while self._idle and len(self.queue):
+        while len(self.queue):
+            worker = min(self._workers, key=lambda w: w.assigned)
+            if worker.assigned > PREFETCH:
+                break
             formation = self.queue.next_batch(time.monotonic())
-            for item in formation.expired:
-                self.metrics.rejections.labels("deadline").inc()
-                if not item.payload.future.done():
-                    item.payload.future.set_exception(
-                        DeadlineExceeded("the request's deadline passed while it was queued")
-                    )
+            self._fail_expired(formation.expired)
             batch = formation.batch
             if batch is None:
                 self._arm_wait_timer()
                 break
-            runtime = self._idle.pop()
-            task = asyncio.ensure_future(self._run(runtime, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            for item in batch.items:
+                self.metrics.queue_seconds.observe(batch.formed_at - item.enqueued_at)
+            self.metrics.batch_size.observe(batch.size)
+            self.metrics.batch_tokens.observe(batch.padded_tokens)
+            self.metrics.padding_ratio.observe(1.0 - batch.real_tokens / batch.padded_tokens)
+            worker.assigned += 1
+            worker.inbox.put(batch)
         self._update_gauges()
+
+    def _fail_expired(self, items: list[QueuedItem[EncodeJob]]) -> None:
+        for item in items:
+            if not item.payload.future.done():
+                self.metrics.rejections.labels("deadline").inc()
+                item.payload.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it was queued")
+                )
 
     def _arm_wait_timer(self) -> None:
         if self._wait_timer is not None or not len(self.queue):
@@ -105,58 +138,92 @@ class Batcher:
         self._wait_timer = None
         self._dispatch()
 
-    async def _run(self, runtime: EncoderRuntime, batch: Batch[EncodeJob]) -> None:
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        for item in batch.items:
-            self.metrics.queue_seconds.observe(started - item.enqueued_at)
-        self.metrics.batch_size.observe(batch.size)
-        self.metrics.batch_tokens.observe(batch.padded_tokens)
-        self.metrics.padding_ratio.observe(1.0 - batch.real_tokens / batch.padded_tokens)
-        try:
-            states, seconds = await loop.run_in_executor(
-                self._executor, _encode, runtime, [item.payload.ids for item in batch.items], batch.max_len
-            )
-        except Exception as exc:
-            self.failure = exc
-            for item in batch.items:
+    def _work(self, worker: _Worker) -> None:
+        """A runtime's thread: compute each batch of its inbox, hand the result to the loop."""
+        assert self._loop is not None
+        while (batch := worker.inbox.get()) is not None:
+            # A prefetched batch waited: what was cancelled or expired meanwhile is not computed.
+            now = time.monotonic()
+            expired = [item for item in batch.items if item.deadline <= now]
+            live = [item for item in batch.items if not item.cancelled and item.deadline > now]
+            outcome: tuple[np.ndarray, float] | BaseException | None = None
+            if live:
+                max_len = max(item.length for item in live)
+                try:
+                    outcome = _encode(worker.runtime, [item.payload.ids for item in live], max_len)
+                except Exception as exc:  # handed to the loop, which fails the batch
+                    outcome = exc
+            self._loop.call_soon_threadsafe(self._complete, worker, live, expired, outcome)
+
+    def _complete(
+        self,
+        worker: _Worker,
+        items: list[QueuedItem[EncodeJob]],
+        expired: list[QueuedItem[EncodeJob]],
+        outcome: tuple[np.ndarray, float] | BaseException | None,
+    ) -> None:
+        worker.assigned -= 1
+        self._fail_expired(expired)
+        if isinstance(outcome, BaseException):
+            self.failure = outcome
+            for item in items:
                 if not item.payload.future.done():
-                    item.payload.future.set_exception(exc)
-        else:
+                    item.payload.future.set_exception(outcome)
+        elif outcome is not None:
+            states, seconds = outcome
             self.metrics.inference_seconds.observe(seconds)
-            error = self.latency.observe(batch.size, batch.max_len, seconds)
-            self.metrics.prediction_error.observe(error)
-            for row, item in enumerate(batch.items):
+            max_len = states.shape[1]
+            self.metrics.prediction_error.observe(self.latency.observe(len(items), max_len, seconds))
+            for row, item in enumerate(items):
                 if not item.payload.future.done():
                     item.payload.future.set_result(states[row, : item.length])
-        finally:
-            self._idle.append(runtime)
-            self._dispatch()
+        self._dispatch()
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.queue))
         self.metrics.queue_tokens.set(self.queue.queued_tokens)
-        self.metrics.busy_runtimes.set(self._runtime_count - len(self._idle))
+        self.metrics.busy_runtimes.set(sum(1 for worker in self._workers if worker.assigned))
 
     def warm_up(
         self, lengths: tuple[int, ...] = (8, 32, 128, 512), sizes: tuple[int, ...] = (1, 4, 16)
     ) -> None:
-        """Run every runtime over a grid of shapes (blocking) and seed the latency model."""
-        for runtime in self._idle:
-            for max_len in lengths:
-                for size in sizes:
-                    if size * max_len > self.queue.limits.max_batch_tokens:
-                        continue
-                    ids = [np.full(max_len, 1000, dtype=np.int64)] * size
-                    _encode(runtime, ids, max_len)  # the first run of a shape pays for planning
-                    _, seconds = _encode(runtime, ids, max_len)
-                    self.latency.observe(size, max_len, seconds)
+        """Run every runtime over a grid of shapes (blocking) and seed the latency model.
+
+        The runtimes warm up side by side, as they will serve: the times the latency model
+        starts from are those of a machine whose cores are all busy."""
+        shapes = [
+            (size, max_len)
+            for max_len in lengths
+            for size in sizes
+            if size * max_len <= self.queue.limits.max_batch_tokens
+        ]
+
+        def sweep(runtime: EncoderRuntime) -> list[tuple[int, int, float]]:
+            measured = []
+            for size, max_len in shapes:
+                ids = [np.full(max_len, 1000, dtype=np.int64)] * size
+                _encode(runtime, ids, max_len)  # the first run of a shape pays for planning
+                measured.append((size, max_len, _encode(runtime, ids, max_len)[1]))
+            return measured
+
+        with ThreadPoolExecutor(len(self._workers)) as pool:
+            sweeps = list(pool.map(sweep, [worker.runtime for worker in self._workers]))
+        for measured in sweeps:
+            for size, max_len, seconds in measured:
+                self.latency.observe(size, max_len, seconds)
         self.latency.refit()
 
     async def close(self) -> None:
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        """Stop the worker threads after the batches they hold."""
+        for worker in self._workers:
+            worker.inbox.put(None)
+        threads = [worker.thread for worker in self._workers if worker.thread is not None]
+
+        def join_all() -> None:
+            for thread in threads:
+                thread.join()
+
+        await asyncio.get_running_loop().run_in_executor(None, join_all)
 
 
 def _encode(runtime: EncoderRuntime, ids: list[np.ndarray], max_len: int) -> tuple[np.ndarray, float]:

@@ -4,15 +4,13 @@ Batch formation, each time a runtime is free:
 1. drop entries that were cancelled or whose deadline has passed (they are never computed);
 2. anchor the batch on the oldest entry, so no input waits behind an endless stream of others
    (a long input cannot starve);
-3. grow the batch with the entries nearest in length to the anchor while the latency model says
-   each one pays its way: it joins if the batch's predicted time grows by no more than the
-   candidate would cost in an equally large batch of inputs of its own length. The token budget
-   (a padded batch costs n x max_len) and the size cap bound it.
+3. choose its companions by the latency model: of all ways to cut the waiting inputs, sorted by
+   length, into batches (a padded batch costs n x max_len, within the token budget and the size
+   cap), take the one predicted to serve them all soonest; the next batch is the anchor's group.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -20,6 +18,8 @@ from engine.cost_model import LatencyModel
 from engine.errors import Overloaded
 
 T = TypeVar("T")
+# Batch formation looks at most this many waiting inputs (those nearest the oldest in length).
+LOOKAHEAD = 128
 
 
 @dataclass(eq=False, slots=True)
@@ -132,36 +132,39 @@ class BatchQueue(Generic[T]):
         return expired
 
     def _best_batch(self, now: float) -> Batch[T]:
+        """The group holding the oldest input, in the partition of the waiting inputs into
+        contiguous length groups that the latency model says serves them all soonest.
+
+        Sorted by length, the best partition is a short dynamic programme: best[j] is the least
+        predicted time to serve the j shortest inputs, the last group being inputs j-k..j-1
+        padded to the length of input j-1. It sees all that waits, so an input joins a padded
+        batch when the alternative is a batch too small to pay for its own per-call cost."""
         anchor = self._items[0]
-        others = sorted(self._items[1:], key=lambda item: item.length)
-        lengths = [item.length for item in others]
-        # Two cursors walk outwards from the anchor's length in sorted order; a side closes at
-        # its first refusal (anything beyond is further in length and would cost more).
-        right = bisect.bisect_left(lengths, anchor.length)
-        left = right - 1
-        chosen = [anchor]
-        max_len = anchor.length
-        predicted = self.latency.predict(1, max_len)
+        ordered = sorted(self._items, key=lambda item: item.length)
+        if len(ordered) > LOOKAHEAD:
+            position = ordered.index(anchor)
+            start = min(max(position - LOOKAHEAD // 2, 0), len(ordered) - LOOKAHEAD)
+            ordered = ordered[start : start + LOOKAHEAD]
+        lengths = [item.length for item in ordered]
         limits = self.limits
-        while len(chosen) < limits.max_batch_size and (left >= 0 or right < len(others)):
-            take_left = right >= len(others) or (
-                left >= 0 and anchor.length - lengths[left] <= lengths[right] - anchor.length
-            )
-            candidate = others[left] if take_left else others[right]
-            new_max = max(max_len, candidate.length)
-            size = len(chosen) + 1
-            grown = self.latency.predict(size, new_max)
-            # Join only if the batch grows by no more than the candidate would cost in a batch
-            # of the same size made of inputs of its own length (what padding it adds must be
-            # paid back by the per-call cost it shares).
-            fits = size * new_max <= limits.max_batch_tokens
-            pays = grown - predicted <= self.latency.predict(size, candidate.length) / size
-            if take_left:
-                left = left - 1 if fits and pays else -1
-            else:
-                right = right + 1 if fits and pays else len(others)
-            if fits and pays:
-                chosen.append(candidate)
-                max_len = new_max
-                predicted = grown
-        return Batch(items=chosen, max_len=max_len, formed_at=now, predicted_s=predicted)
+        predict = self.latency.predict
+        best = [0.0] + [float("inf")] * len(ordered)
+        cut = [0] * (len(ordered) + 1)
+        for end in range(1, len(ordered) + 1):
+            longest = lengths[end - 1]
+            for size in range(1, min(limits.max_batch_size, end) + 1):
+                if size > 1 and size * longest > limits.max_batch_tokens:
+                    break
+                total = best[end - size] + predict(size, longest)
+                if total < best[end]:
+                    best[end], cut[end] = total, end - size
+        end = len(ordered)
+        while True:
+            group = ordered[cut[end] : end]
+            if any(item is anchor for item in group):
+                break
+            end = cut[end]
+        # Oldest first inside the batch, so its results are the first to be handed back.
+        group.sort(key=lambda item: item.enqueued_at)
+        max_len = max(item.length for item in group)
+        return Batch(items=group, max_len=max_len, formed_at=now, predicted_s=predict(len(group), max_len))

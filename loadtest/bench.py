@@ -24,11 +24,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 from engine.bundle import load_bundle
 from engine.runtime.base import pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
+from loadtest.http_client import HttpConnection
 from loadtest.workload import load_workload
 
 NAIVE_FLAGS = ("--runtimes", "1", "--intra-op-threads", "2", "--max-batch-size", "1")
@@ -53,30 +55,32 @@ def _cpu_seconds() -> float:
 
 
 async def _closed_loop(
-    url: str, texts: list[str], concurrency: int, duration_s: float, setup: str
+    port: int, texts: list[str], concurrency: int, duration_s: float, setup: str
 ) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     cursor = 0
+    connections = [HttpConnection("127.0.0.1", port) for _ in range(concurrency)]
+    requests = [connections[0].encode_post("/v1/classify", orjson.dumps({"inputs": text})) for text in texts]
     stop_at = time.perf_counter() + duration_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
 
-        async def user(offset: int) -> None:
-            nonlocal errors, cursor
-            while time.perf_counter() < stop_at:
-                text = texts[cursor % len(texts)]
-                cursor += 1
-                started = time.perf_counter()
-                response = await client.post("/v1/classify", json={"inputs": text})
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors += 1
+    async def user(connection: HttpConnection) -> None:
+        nonlocal errors, cursor
+        while time.perf_counter() < stop_at:
+            request = requests[cursor % len(requests)]
+            cursor += 1
+            started = time.perf_counter()
+            status, _ = await connection.send(request)
+            if status == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
 
-        cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
-        await asyncio.gather(*(user(i) for i in range(concurrency)))
-        cpu, wall = _cpu_seconds() - cpu_before, time.perf_counter() - wall_before
+    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(user(c) for c in connections))
+    cpu, wall = _cpu_seconds() - cpu_before, time.perf_counter() - wall_before
+    for connection in connections:
+        await connection.close()
     lat = np.array(latencies) * 1000
     return LoadResult(
         setup=setup,
@@ -121,11 +125,10 @@ def _run_setup(
 ) -> list[LoadResult]:
     process = _start_server(bundle, port, flags)
     try:
-        url = f"http://127.0.0.1:{port}"
-        asyncio.run(_closed_loop(url, texts, 4, 2.0, setup))  # warm the connections and caches
+        asyncio.run(_closed_loop(port, texts, 4, 2.0, setup))  # warm the connections and caches
         results = []
         for level in levels:
-            result = asyncio.run(_closed_loop(url, texts, level, duration_s, setup))
+            result = asyncio.run(_closed_loop(port, texts, level, duration_s, setup))
             print(
                 f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
                 f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
