@@ -21,6 +21,7 @@ from engine.cost_model import LatencyModel
 from engine.errors import DeadlineExceeded
 from engine.metrics import EngineMetrics
 from engine.queue import Batch, BatchLimits, BatchQueue, QueuedItem
+from engine.runtime.affinity import pin_current_thread
 from engine.runtime.base import EncoderRuntime, pad_batch
 
 PREFETCH = 1  # batches formed ahead per runtime, beyond the one it computes
@@ -47,13 +48,17 @@ class Batcher:
         limits: BatchLimits,
         metrics: EngineMetrics,
         latency: LatencyModel | None = None,
+        *,
+        cpus: list[int] | None = None,
     ) -> None:
+        """`cpus`: pin runtime thread i to cpus[i] (see engine/runtime/affinity.py)."""
         if not runtimes:
             raise ValueError("the batcher needs at least one runtime")
         self.latency = latency or LatencyModel()
         self.queue: BatchQueue[EncodeJob] = BatchQueue(limits, self.latency)
         self.metrics = metrics
         self._workers = [_Worker(runtime) for runtime in runtimes]
+        self._cpus = cpus
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
@@ -141,6 +146,8 @@ class Batcher:
     def _work(self, worker: _Worker) -> None:
         """A runtime's thread: compute each batch of its inbox, hand the result to the loop."""
         assert self._loop is not None
+        if self._cpus is not None:
+            pin_current_thread(self._cpus[self._workers.index(worker)])
         while (batch := worker.inbox.get()) is not None:
             # A prefetched batch waited: what was cancelled or expired meanwhile is not computed.
             now = time.monotonic()

@@ -16,6 +16,7 @@ from engine.batcher import Batcher
 from engine.bundle import Bundle, load_bundle
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
+from engine.runtime.affinity import runtime_cpus
 from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.service import Service, ServiceLimits
@@ -61,7 +62,12 @@ def build_service(settings: Settings, bundle: Bundle, metrics: EngineMetrics) ->
     return Service(
         bundle=bundle,
         tokenizer=TextTokenizer(bundle.path(manifest.tokenizer), manifest.max_length),
-        batcher=Batcher(runtimes, limits, metrics),
+        batcher=Batcher(
+            runtimes,
+            limits,
+            metrics,
+            cpus=runtime_cpus(settings.pin_runtime_threads, settings.runtimes, settings.intra_op_threads),
+        ),
         metrics=metrics,
         limits=ServiceLimits(
             max_inputs=settings.max_inputs_per_request,

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.runtime.affinity import PinMode
+
 DEFAULT_BUNDLE = Path("bundles/minilm-multitask")
 
 
@@ -33,6 +35,11 @@ class Settings(BaseSettings):
         2, ge=1, le=64, description="Encoder sessions run side by side (one worker thread each)."
     )
     intra_op_threads: int = Field(1, ge=1, le=64, description="Threads inside each session.")
+    pin_runtime_threads: PinMode = Field(
+        "auto",
+        description="Pin each runtime thread to its own CPU: auto = only when the process owns no "
+        "more CPUs than it has runtimes (a dedicated machine or cpuset container).",
+    )
     tokenizer_threads: int = Field(1, ge=1, le=16, description="Tokenizer worker threads.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most inputs in one batch.")
     max_batch_tokens: int = Field(

@@ -1,0 +1,29 @@
+"""Pinning runtime threads to CPUs.
+
+Measured here (2 CPUs, two single-thread sessions, the benchmark workload through the engine):
+pinning each runtime thread to its own CPU gave ~6% more throughput than letting the scheduler
+move them, which it does whenever the event loop wakes up. It is only safe when the process
+owns exactly the CPUs it pins to (a dedicated machine or a cpuset container): on a shared
+node whose affinity mask lists every CPU, pinning would pile every replica onto the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+PinMode = Literal["auto", "on", "off"]
+
+
+def runtime_cpus(mode: PinMode, runtimes: int, threads_per_runtime: int) -> list[int] | None:
+    """The CPU for each runtime thread, or None to leave placement to the scheduler."""
+    if mode == "off" or threads_per_runtime != 1 or not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if mode == "auto" and len(allowed) > runtimes:
+        return None
+    return [allowed[i % len(allowed)] for i in range(runtimes)]
+
+
+def pin_current_thread(cpu: int) -> None:
+    os.sched_setaffinity(0, {cpu})
