@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -78,6 +79,15 @@ def build_service(settings: Settings, bundle: Bundle, metrics: EngineMetrics) ->
     )
 
 
+async def _start(service: Service) -> None:
+    await service.start()
+    # What start-up built lives as long as the process: keep it out of every later collection,
+    # and collect the young generation less often (per request the server allocates many small
+    # short-lived objects). In an A/B of the engine under load here this gave ~5% (noisy).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def _log_warm_up_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("warm-up failed; the server stays unready: %r", task.exception())
@@ -109,7 +119,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
         )
         app.state.service = service
         # Warm up in the background: the port answers /health/live at once, /health/ready after.
-        warm_up = asyncio.create_task(service.start())
+        warm_up = asyncio.create_task(_start(service))
         warm_up.add_done_callback(_log_warm_up_failure)
         log.info("serving bundle %s (%s) from %s", loaded.manifest.name, loaded.manifest.version, loaded.root)
         try:
