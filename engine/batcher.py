@@ -131,7 +131,7 @@ class Batcher:
     def _fail_expired(self, items: list[QueuedItem[EncodeJob]]) -> None:
         for item in items:
             if not item.payload.future.done():
-                self.metrics.rejections.labels("deadline").inc()
+                self.metrics.rejections.labels("expired").inc()
                 item.payload.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it was queued")
                 )
