@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUNDLE := bundles/minilm-multitask
 STAMP  := $(VENV)/.installed
 
-.PHONY: install bundle serve test lint types check format bench train clean
+.PHONY: install system-deps bundle serve test lint types check format bench train clean
 
 $(STAMP): pyproject.toml requirements/data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml requirements/data.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## system-deps: headless Chromium for the docs-page test (Debian package; needs root)
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Chromium (Debian: sudo apt-get install chromium) for the docs test"; fi; }
 
 $(BUNDLE)/manifest.json: | $(STAMP)
 	$(BIN)/sparsebert build --out $(BUNDLE)
@@ -26,7 +32,7 @@ serve: $(STAMP) bundle
 	$(BIN)/sparsebert serve
 
 ## test: the whole suite against the real bundle
-test: $(STAMP) bundle
+test: $(STAMP) system-deps bundle
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -23,7 +23,7 @@ from engine.requests import (
     NerResult,
     Usage,
 )
-from engine.tasks.classify import Classifier, LabelScore
+from engine.tasks.classify import Classifier
 from engine.tasks.heads import MlpHead, mean_pool
 from engine.tasks.ner import AGGREGATIONS, TokenClassifier
 from engine.tokenization import TextTokenizer, TokenizedText
@@ -102,15 +102,10 @@ class Service:
         if not 1 <= request.top_k <= min(self.limits.max_top_k, len(classifier.labels)):
             raise ValidationError(f"top_k must be between 1 and {len(classifier.labels)}")
         encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
-        results = []
-        for item in encoded:
-            if request.raw_scores:
-                raw = classifier.raw_scores(item.states)
-                order = np.argsort(-raw)[: request.top_k]
-                labels = [LabelScore(classifier.labels[i], float(raw[i])) for i in order]
-            else:
-                labels = classifier.top_k(item.states, request.top_k)
-            results.append(ClassifyResult(labels, item.usage))
+        results = [
+            ClassifyResult(classifier.top_k(item.states, request.top_k, raw=request.raw_scores), item.usage)
+            for item in encoded
+        ]
         return results
 
     async def ner(self, request: NerRequest) -> list[NerResult]:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.responses import Response
 
@@ -22,7 +23,6 @@ from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.service import Service, ServiceLimits
 from engine.tokenization import TextTokenizer
-from server.docs import install_docs
 from server.errors import install_error_handlers
 from server.metrics import HttpMetrics
 from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -30,6 +30,7 @@ from server.routes import router
 from server.settings import Settings
 
 log = logging.getLogger("sparsebert")
+DOCS_ASSETS = "/docs-assets"
 
 
 def server_version() -> str:
@@ -128,18 +129,17 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
             warm_up.cancel()
             await service.close()
 
-    app = FastAPI(
+    # Docs that render offline: Swagger UI and ReDoc served from the fastapi-offline package.
+    app = FastAPIOffline(
         title="sparsebert-serve",
         version=server_version(),
         description="Classification and NER from INT8 BERT encoders, with length-aware dynamic batching.",
         lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
+        static_url=DOCS_ASSETS,
     )
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
-    install_docs(app)
     app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)

@@ -60,6 +60,14 @@ def test_top_k_returns_labels_best_first_summing_to_one(client: httpx.Client) ->
     assert sum(scores) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_raw_scores_are_logits_in_the_same_order(client: httpx.Client) -> None:
+    probs = client.post("/v1/classify", json={"inputs": POSITIVE[0], "top_k": 2}).json()["results"][0]
+    raw = client.post("/v1/classify", json={"inputs": POSITIVE[0], "top_k": 2, "raw_scores": True})
+    logits = raw.json()["results"][0]["labels"]
+    assert [x["label"] for x in logits] == [x["label"] for x in probs["labels"]]
+    assert sum(x["score"] for x in logits) != pytest.approx(1.0, abs=1e-3)
+
+
 def test_ner_finds_people_places_and_organisations_with_exact_offsets(client: httpx.Client) -> None:
     response = client.post("/v1/ner", json={"inputs": NER_TEXT})
     assert response.status_code == 200

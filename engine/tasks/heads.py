@@ -46,6 +46,16 @@ class MlpHead:
         return hidden
 
 
+class LabelledHead:
+    """A head whose outputs are named by `labels`."""
+
+    def __init__(self, head: MlpHead, labels: tuple[str, ...]) -> None:
+        if head.num_labels != len(labels):
+            raise ValueError(f"head has {head.num_labels} outputs for {len(labels)} labels")
+        self.head = head
+        self.labels = labels
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)

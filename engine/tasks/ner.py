@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from engine.tasks.heads import MlpHead, softmax
+from engine.tasks.heads import LabelledHead, softmax
 from engine.tokenization import TokenizedText
 
 Aggregation = Literal["none", "simple", "first", "average", "max"]
@@ -42,13 +42,7 @@ def _split_tag(label: str) -> tuple[str, str]:
     return "I", label
 
 
-class TokenClassifier:
-    def __init__(self, head: MlpHead, labels: tuple[str, ...]) -> None:
-        if head.num_labels != len(labels):
-            raise ValueError(f"head has {head.num_labels} outputs for {len(labels)} labels")
-        self.head = head
-        self.labels = labels
-
+class TokenClassifier(LabelledHead):
     def token_probs(self, states: np.ndarray) -> np.ndarray:
         return softmax(self.head.logits(states))
 
