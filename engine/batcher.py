@@ -29,6 +29,11 @@ from engine.runtime.base import EncoderRuntime, pad_batch
 # other may free up first) and gained nothing at 32. Kept as a knob for runtimes (GPUs) whose
 # idle gaps between batches cost more.
 PREFETCH = 0
+# A batch predicted to take at least this long, formed while every runtime idles and nothing else
+# waits, runs on the wide runtime (all cores). Measured at concurrency 1 on the benchmark workload:
+# 72 -> 88 req/s, p99 82 -> 54 ms; at 8 and 32 the machine is rarely idle and nothing changes.
+# The threshold itself is a judgement (a second thread barely pays on a few-ms batch), not tuned.
+WIDE_MIN_S = 0.01
 
 
 @dataclass(slots=True)
@@ -54,8 +59,10 @@ class Batcher:
         latency: LatencyModel | None = None,
         *,
         cpus: list[int] | None = None,
+        wide: EncoderRuntime | None = None,
     ) -> None:
-        """`cpus`: pin runtime thread i to cpus[i] (see engine/runtime/affinity.py)."""
+        """`cpus`: pin runtime thread i to cpus[i] (see engine/runtime/affinity.py).
+        `wide`: a runtime using every core, for a lone batch on an idle machine."""
         if not runtimes:
             raise ValueError("the batcher needs at least one runtime")
         self.latency = latency or LatencyModel()
@@ -63,6 +70,7 @@ class Batcher:
         self.metrics = metrics
         self._workers = [_Worker(runtime) for runtime in runtimes]
         self._cpus = cpus
+        self._wide = _Worker(wide) if wide is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
@@ -93,7 +101,8 @@ class Batcher:
     def _started_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            for index, worker in enumerate(self._workers):
+            everyone = [*self._workers, *([self._wide] if self._wide else [])]
+            for index, worker in enumerate(everyone):
                 worker.thread = threading.Thread(
                     target=self._work, args=(worker,), name=f"runtime-{index}", daemon=True
                 )
@@ -110,6 +119,8 @@ class Batcher:
 
     def _dispatch(self) -> None:
         while len(self.queue):
+            if self._wide is not None and self._wide.assigned:
+                break
             worker = min(self._workers, key=lambda w: w.assigned)
             if worker.assigned > PREFETCH:
                 break
@@ -124,6 +135,13 @@ class Batcher:
             self.metrics.batch_size.observe(batch.size)
             self.metrics.batch_tokens.observe(batch.padded_tokens)
             self.metrics.padding_ratio.observe(1.0 - batch.real_tokens / batch.padded_tokens)
+            if (
+                self._wide is not None
+                and not len(self.queue)
+                and all(w.assigned == 0 for w in self._workers)
+                and batch.predicted_s >= WIDE_MIN_S
+            ):
+                worker = self._wide  # alone on an idle machine: give it every core
             worker.assigned += 1
             worker.inbox.put(batch)
         self._update_gauges()
@@ -150,7 +168,7 @@ class Batcher:
     def _work(self, worker: _Worker) -> None:
         """A runtime's thread: compute each batch of its inbox, hand the result to the loop."""
         assert self._loop is not None
-        if self._cpus is not None:
+        if self._cpus is not None and worker is not self._wide:
             pin_current_thread(self._cpus[self._workers.index(worker)])
         while (batch := worker.inbox.get()) is not None:
             # A prefetched batch waited: what was cancelled or expired meanwhile is not computed.
@@ -183,8 +201,9 @@ class Batcher:
         elif outcome is not None:
             states, seconds = outcome
             self.metrics.inference_seconds.observe(seconds)
-            max_len = states.shape[1]
-            self.metrics.prediction_error.observe(self.latency.observe(len(items), max_len, seconds))
+            if worker is not self._wide:  # the model is of the single-thread runtimes
+                max_len = states.shape[1]
+                self.metrics.prediction_error.observe(self.latency.observe(len(items), max_len, seconds))
             for row, item in enumerate(items):
                 if not item.payload.future.done():
                     item.payload.future.set_result(states[row, : item.length])
@@ -219,6 +238,8 @@ class Batcher:
 
         with ThreadPoolExecutor(len(self._workers)) as pool:
             sweeps = list(pool.map(sweep, [worker.runtime for worker in self._workers]))
+        if self._wide is not None:
+            sweep(self._wide.runtime)  # only to plan its shapes; the model is of the narrow ones
         for measured in sweeps:
             for size, max_len, seconds in measured:
                 self.latency.observe(size, max_len, seconds)
@@ -226,9 +247,10 @@ class Batcher:
 
     async def close(self) -> None:
         """Stop the worker threads after the batches they hold."""
-        for worker in self._workers:
+        everyone = [*self._workers, *([self._wide] if self._wide else [])]
+        for worker in everyone:
             worker.inbox.put(None)
-        threads = [worker.thread for worker in self._workers if worker.thread is not None]
+        threads = [worker.thread for worker in everyone if worker.thread is not None]
 
         def join_all() -> None:
             for thread in threads:

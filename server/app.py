@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -69,6 +70,7 @@ def build_service(settings: Settings, bundle: Bundle, metrics: EngineMetrics) ->
             limits,
             metrics,
             cpus=runtime_cpus(settings.pin_runtime_threads, settings.runtimes, settings.intra_op_threads),
+            wide=_wide_runtime(settings, bundle.path(encoder.file)),
         ),
         metrics=metrics,
         limits=ServiceLimits(
@@ -92,6 +94,14 @@ async def _start(service: Service) -> None:
 def _log_warm_up_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("warm-up failed; the server stays unready: %r", task.exception())
+
+
+def _wide_runtime(settings: Settings, model: Path) -> EncoderRuntime | None:
+    """A session spanning every core the runtimes use, for lone batches on an idle machine."""
+    cores = settings.runtimes * settings.intra_op_threads
+    if not settings.wide_runtime or cores < 2:
+        return None
+    return OnnxEncoderRuntime(model, intra_op_threads=cores, name="wide")
 
 
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:

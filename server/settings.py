@@ -40,6 +40,11 @@ class Settings(BaseSettings):
         description="Pin each runtime thread to its own CPU: auto = only when the process owns no "
         "more CPUs than it has runtimes (a dedicated machine or cpuset container).",
     )
+    wide_runtime: bool = Field(
+        True,
+        description="Keep one more session spanning all the runtimes' cores: a long batch that arrives "
+        "while every runtime idles runs on all of them (lower latency at low load).",
+    )
     tokenizer_threads: int = Field(1, ge=1, le=16, description="Tokenizer worker threads.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most inputs in one batch.")
     max_batch_tokens: int = Field(

@@ -42,8 +42,13 @@ class FakeRuntime:
         return (input_ids[:, :, None] * attention_mask[:, :, None]).astype(np.float32)
 
 
-def make_batcher(*runtimes: FakeRuntime, **limits: float) -> Batcher:
-    return Batcher(list(runtimes), BatchLimits(**limits), EngineMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+def make_batcher(*runtimes: FakeRuntime, wide: FakeRuntime | None = None, **limits: float) -> Batcher:
+    return Batcher(
+        list(runtimes),
+        BatchLimits(**limits),  # type: ignore[arg-type]
+        EngineMetrics(CollectorRegistry()),
+        wide=wide,
+    )
 
 
 def ids(first: int, length: int) -> np.ndarray:
@@ -129,6 +134,27 @@ def test_two_runtimes_run_batches_side_by_side() -> None:
         assert all(len(r.shapes) == 2 for r in runtimes)
         (a_start, a_end), (b_start, b_end) = runtimes[0].spans[0], runtimes[1].spans[0]
         assert a_start < b_end and b_start < a_end  # their first batches overlapped in time
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_long_batch_on_an_idle_machine_runs_wide() -> None:
+    async def scenario() -> None:
+        narrow, wide = FakeRuntime(delay_s=0.05), FakeRuntime()
+        narrow.gate.clear()
+        batcher = make_batcher(narrow, FakeRuntime(delay_s=0.05), wide=wide)
+        deadline = time.monotonic() + 10
+        # Nothing runs, nothing waits: a batch the model predicts long goes to the wide runtime.
+        await batcher.submit(ids(1, 400), deadline)
+        assert wide.shapes == [(1, 400)]
+        # With a narrow runtime busy, the next long input stays narrow.
+        busy = batcher.submit(ids(1, 8), deadline)
+        await asyncio.sleep(0.02)
+        other = batcher.submit(ids(500, 400), deadline)
+        narrow.gate.set()
+        await asyncio.gather(busy, other)
+        assert wide.shapes == [(1, 400)]
         await batcher.close()
 
     asyncio.run(scenario())
