@@ -171,7 +171,7 @@ class Batcher:
         if self._cpus is not None and worker is not self._wide:
             pin_current_thread(self._cpus[self._workers.index(worker)])
         while (batch := worker.inbox.get()) is not None:
-            # A prefetched batch waited: what was cancelled or expired meanwhile is not computed.
+            # What was cancelled or expired since the batch was formed is not computed.
             now = time.monotonic()
             expired = [item for item in batch.items if item.deadline <= now]
             live = [item for item in batch.items if not item.cancelled and item.deadline > now]
