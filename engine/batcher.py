@@ -36,10 +36,17 @@ PREFETCH = 0
 WIDE_MIN_S = 0.01
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedInput:
+    states: np.ndarray  # [tokens, hidden], this input's rows only
+    queue_s: float  # from submission to the start of its batch
+    inference_s: float  # its batch's encoder time
+
+
 @dataclass(slots=True)
 class EncodeJob:
     ids: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[EncodedInput]
 
 
 @dataclass(eq=False)
@@ -82,10 +89,10 @@ class Batcher:
     def estimated_wait_s(self) -> float:
         return self.queue.drain_estimate_s(len(self._workers))
 
-    def submit(self, ids: np.ndarray, deadline: float) -> asyncio.Future[np.ndarray]:
+    def submit(self, ids: np.ndarray, deadline: float) -> asyncio.Future[EncodedInput]:
         """Queue one tokenized input; raises Overloaded if the queue is full."""
         loop = self._started_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
+        future: asyncio.Future[EncodedInput] = loop.create_future()
         item = QueuedItem(
             length=int(ids.shape[0]),
             enqueued_at=time.monotonic(),
@@ -109,7 +116,7 @@ class Batcher:
                 worker.thread.start()
         return self._loop
 
-    def _on_waiter_done(self, item: QueuedItem[EncodeJob], future: asyncio.Future[np.ndarray]) -> None:
+    def _on_waiter_done(self, item: QueuedItem[EncodeJob], future: asyncio.Future[EncodedInput]) -> None:
         if not future.cancelled():
             return
         item.cancelled = True  # a batch already formed skips it too
@@ -175,11 +182,12 @@ class Batcher:
             now = time.monotonic()
             expired = [item for item in batch.items if item.deadline <= now]
             live = [item for item in batch.items if not item.cancelled and item.deadline > now]
-            outcome: tuple[np.ndarray, float] | BaseException | None = None
+            outcome: tuple[np.ndarray, float, float] | BaseException | None = None
             if live:
                 max_len = max(item.length for item in live)
                 try:
-                    outcome = _encode(worker.runtime, [item.payload.ids for item in live], max_len)
+                    states, seconds = _encode(worker.runtime, [item.payload.ids for item in live], max_len)
+                    outcome = (states, seconds, now)
                 except Exception as exc:  # handed to the loop, which fails the batch
                     outcome = exc
             self._loop.call_soon_threadsafe(self._complete, worker, live, expired, outcome)
@@ -189,7 +197,7 @@ class Batcher:
         worker: _Worker,
         items: list[QueuedItem[EncodeJob]],
         expired: list[QueuedItem[EncodeJob]],
-        outcome: tuple[np.ndarray, float] | BaseException | None,
+        outcome: tuple[np.ndarray, float, float] | BaseException | None,
     ) -> None:
         worker.assigned -= 1
         self._fail_expired(expired)
@@ -199,14 +207,16 @@ class Batcher:
                 if not item.payload.future.done():
                     item.payload.future.set_exception(outcome)
         elif outcome is not None:
-            states, seconds = outcome
+            states, seconds, started = outcome
             self.metrics.inference_seconds.observe(seconds)
             if worker is not self._wide:  # the model is of the single-thread runtimes
                 max_len = states.shape[1]
                 self.metrics.prediction_error.observe(self.latency.observe(len(items), max_len, seconds))
             for row, item in enumerate(items):
                 if not item.payload.future.done():
-                    item.payload.future.set_result(states[row, : item.length])
+                    item.payload.future.set_result(
+                        EncodedInput(states[row, : item.length], started - item.enqueued_at, seconds)
+                    )
         self._dispatch()
 
     def _update_gauges(self) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from engine.tasks.classify import LabelScore
 from engine.tasks.ner import Aggregation, Entity
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,22 @@ class EmbedRequest:
     normalize: bool = True
     truncate: bool = True
     timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where a request's time went, in seconds (the longest of its inputs for queue/inference)."""
+
+    total_s: float
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Served(Generic[R]):
+    results: list[R]
+    timings: Timings
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,9 @@ from engine.requests import (
     EmbedResult,
     NerRequest,
     NerResult,
+    R,
+    Served,
+    Timings,
     Usage,
 )
 from engine.tasks.classify import Classifier
@@ -45,6 +48,19 @@ class _Encoded:
     @property
     def usage(self) -> Usage:
         return Usage(tokens=self.tokens.length, truncated_tokens=self.tokens.dropped_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _EncodedRequest:
+    items: list[_Encoded]
+    started: float
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+
+    def served(self, results: list[R]) -> Served[R]:
+        total = time.monotonic() - self.started
+        return Served(results, Timings(total, self.tokenize_s, self.queue_s, self.inference_s))
 
 
 class Service:
@@ -97,36 +113,43 @@ class Service:
             raise ValidationError(f"model {requested!r} is a {tasks[requested].kind} model, not {kind}")
         return requested
 
-    async def classify(self, request: ClassifyRequest) -> list[ClassifyResult]:
+    async def classify(self, request: ClassifyRequest) -> Served[ClassifyResult]:
         classifier = self.classifiers[self.task_name(request.task, "classification")]
         if not 1 <= request.top_k <= min(self.limits.max_top_k, len(classifier.labels)):
             raise ValidationError(f"top_k must be between 1 and {len(classifier.labels)}")
         encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
-        results = [
-            ClassifyResult(classifier.top_k(item.states, request.top_k, raw=request.raw_scores), item.usage)
-            for item in encoded
-        ]
-        return results
+        return encoded.served(
+            [
+                ClassifyResult(
+                    classifier.top_k(item.states, request.top_k, raw=request.raw_scores), item.usage
+                )
+                for item in encoded.items
+            ]
+        )
 
-    async def ner(self, request: NerRequest) -> list[NerResult]:
+    async def ner(self, request: NerRequest) -> Served[NerResult]:
         classifier = self.token_classifiers[self.task_name(request.task, "token-classification")]
         if request.aggregation not in AGGREGATIONS:
             raise ValidationError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}")
         encoded = await self._encode(request.texts, request.timeout_s)
-        return [
-            NerResult(classifier.entities(text, item.tokens, item.states, request.aggregation), item.usage)
-            for text, item in zip(request.texts, encoded, strict=True)
-        ]
+        return encoded.served(
+            [
+                NerResult(
+                    classifier.entities(text, item.tokens, item.states, request.aggregation), item.usage
+                )
+                for text, item in zip(request.texts, encoded.items, strict=True)
+            ]
+        )
 
-    async def embed(self, request: EmbedRequest) -> list[EmbedResult]:
+    async def embed(self, request: EmbedRequest) -> Served[EmbedResult]:
         encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
         results = []
-        for item in encoded:
+        for item in encoded.items:
             vector = mean_pool(item.states)
             if request.normalize:
                 vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             results.append(EmbedResult(vector.astype(np.float32), item.usage))
-        return results
+        return encoded.served(results)
 
     def _validate(self, texts: Sequence[str]) -> None:
         if not self.ready:
@@ -147,14 +170,15 @@ class Service:
 
     async def _encode(
         self, texts: list[str], timeout_s: float | None, truncate: bool = True
-    ) -> list[_Encoded]:
+    ) -> _EncodedRequest:
         self._validate(texts)
         started = time.monotonic()
         timeout = self.limits.default_timeout_s if timeout_s is None else timeout_s
         deadline = started + timeout
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_batch, texts)
-        self.metrics.tokenize_seconds.observe(time.monotonic() - started)
+        tokenize_s = time.monotonic() - started
+        self.metrics.tokenize_seconds.observe(tokenize_s)
         if not truncate:
             for index, item in enumerate(tokens):
                 if item.dropped_tokens:
@@ -167,7 +191,7 @@ class Service:
         for item in tokens:
             self.metrics.input_tokens.observe(item.length)
         try:
-            states = await asyncio.wait_for(
+            outputs = await asyncio.wait_for(
                 asyncio.gather(*futures), timeout=max(deadline - time.monotonic(), 0.0)
             )
         except TimeoutError:
@@ -176,7 +200,13 @@ class Service:
         finally:
             for future in futures:
                 future.cancel()  # a no-op for finished ones; frees queue slots for the rest
-        return [_Encoded(tok, st) for tok, st in zip(tokens, states, strict=True)]
+        return _EncodedRequest(
+            items=[_Encoded(tok, out.states) for tok, out in zip(tokens, outputs, strict=True)],
+            started=started,
+            tokenize_s=tokenize_s,
+            queue_s=max(out.queue_s for out in outputs),
+            inference_s=max(out.inference_s for out in outputs),
+        )
 
     def _admit(self, tokens: list[TokenizedText], deadline: float) -> None:
         """All of a request's inputs are admitted, or none: nothing is left half-queued."""

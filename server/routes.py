@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from engine.errors import NotReady, ValidationError
-from engine.requests import ClassifyRequest, EmbedRequest, NerRequest
+from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Timings
 from engine.requests import Usage as EngineUsage
 from engine.service import Service
 from engine.tasks.ner import Entity
@@ -30,8 +30,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _json(payload: Any) -> Response:
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+def _json(payload: Any, timings: Timings | None = None) -> Response:
+    """JSON body; with `timings`, text-embeddings-inference's x-*-time headers (milliseconds)."""
+    headers = None
+    if timings is not None:
+        headers = {
+            "x-total-time": f"{timings.total_s * 1000:.3f}",
+            "x-tokenization-time": f"{timings.tokenize_s * 1000:.3f}",
+            "x-queue-time": f"{timings.queue_s * 1000:.3f}",
+            "x-inference-time": f"{timings.inference_s * 1000:.3f}",
+        }
+    return Response(
+        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def _service(request: Request) -> Service:
@@ -79,7 +92,7 @@ async def classify(
     service = _service(request)
     task = service.task_name(body.model, "classification")
     request.state.task = task
-    results = await service.classify(
+    served = await service.classify(
         ClassifyRequest(
             _texts(body.inputs), task, body.top_k, body.raw_scores, timeout_s=_timeout(x_request_timeout)
         )
@@ -92,9 +105,10 @@ async def classify(
                     "labels": [{"label": ls.label, "score": ls.score} for ls in r.labels],
                     "usage": _usage(r.usage),
                 }
-                for r in results
+                for r in served.results
             ],
-        }
+        },
+        served.timings,
     )
 
 
@@ -105,7 +119,7 @@ async def ner(
     service = _service(request)
     task = service.task_name(body.model, "token-classification")
     request.state.task = task
-    results = await service.ner(
+    served = await service.ner(
         NerRequest(
             _texts(body.inputs), task, body.aggregation_strategy, timeout_s=_timeout(x_request_timeout)
         )
@@ -116,9 +130,10 @@ async def ner(
             "model": task,
             "results": [
                 {"entities": [_entity(e, per_token) for e in r.entities], "usage": _usage(r.usage)}
-                for r in results
+                for r in served.results
             ],
-        }
+        },
+        served.timings,
     )
 
 
@@ -131,7 +146,7 @@ async def predict(
     task = service.task_name(None, "classification")
     request.state.task = task
     texts = _texts(body.inputs)
-    results = await service.classify(
+    served = await service.classify(
         ClassifyRequest(
             texts,
             task,
@@ -141,8 +156,8 @@ async def predict(
             timeout_s=_timeout(x_request_timeout),
         )
     )
-    scored = [[{"score": ls.score, "label": ls.label} for ls in r.labels] for r in results]
-    return _json(scored[0] if isinstance(body.inputs, str) else scored)
+    scored = [[{"score": ls.score, "label": ls.label} for ls in r.labels] for r in served.results]
+    return _json(scored[0] if isinstance(body.inputs, str) else scored, served.timings)
 
 
 @router.post("/embed", responses=ERRORS, tags=["text-embeddings-inference"])
@@ -151,10 +166,10 @@ async def embed(
 ) -> Response:
     """text-embeddings-inference's /embed: mean-pooled sentence embeddings, one list per input."""
     request.state.task = "embed"
-    results = await _service(request).embed(
+    served = await _service(request).embed(
         EmbedRequest(_texts(body.inputs), body.normalize, body.truncate, _timeout(x_request_timeout))
     )
-    return _json([r.embedding for r in results])
+    return _json([r.embedding for r in served.results], served.timings)
 
 
 @router.get("/v1/models", response_model=schemas.ModelList, tags=["meta"])

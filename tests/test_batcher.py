@@ -62,10 +62,11 @@ def test_each_input_gets_its_own_unpadded_rows() -> None:
         deadline = time.monotonic() + 10
         inputs = [ids(100 * i + 1, length) for i, length in enumerate([5, 30, 7, 6, 28])]
         futures = [batcher.submit(x, deadline) for x in inputs]
-        states = await asyncio.gather(*futures)
-        for x, state in zip(inputs, states, strict=True):
-            assert state.shape == (len(x), 1)
-            np.testing.assert_array_equal(state[:, 0], x)
+        outputs = await asyncio.gather(*futures)
+        for x, output in zip(inputs, outputs, strict=True):
+            assert output.states.shape == (len(x), 1)
+            np.testing.assert_array_equal(output.states[:, 0], x)
+            assert output.queue_s >= 0 and output.inference_s >= 0.01
         # The first input ran alone (the runtime was idle); the rest grouped by length.
         assert runtime.shapes[0] == (1, 5)
         assert sum(shape[0] for shape in runtime.shapes) == 5

@@ -53,6 +53,23 @@ def test_clear_sentiment_gets_the_right_label(client: httpx.Client) -> None:
         assert result["usage"]["tokens"] > 5 and result["usage"]["truncated_tokens"] == 0
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [("/v1/classify", {"inputs": "fine"}), ("/v1/ner", {"inputs": "Paris"}), ("/predict", {"inputs": "ok"}),
+     ("/embed", {"inputs": "ok"})],
+)  # fmt: skip
+def test_responses_say_where_the_time_went(client: httpx.Client, route: str, body: dict[str, object]) -> None:
+    response = client.post(route, json=body)
+    assert response.status_code == 200
+    times = {
+        name: float(response.headers[f"x-{name}-time"])
+        for name in ("total", "tokenization", "queue", "inference")
+    }
+    assert all(value >= 0 for value in times.values())
+    assert times["inference"] > 0
+    assert times["total"] >= max(times["tokenization"], times["inference"])
+
+
 def test_top_k_returns_labels_best_first_summing_to_one(client: httpx.Client) -> None:
     result = client.post("/v1/classify", json={"inputs": POSITIVE[0], "top_k": 2}).json()["results"][0]
     scores = [ls["score"] for ls in result["labels"]]
