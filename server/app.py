@@ -12,7 +12,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
 from starlette.responses import Response
 
 from engine.batcher import Batcher
@@ -107,6 +112,8 @@ def _wide_runtime(settings: Settings, model: Path) -> EncoderRuntime | None:
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
     """`bundle`: one already loaded and verified (the CLI checks it before it binds the port)."""
     settings = settings or Settings()
+    # The *_created series would double every family and say nothing useful here.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     http_metrics = HttpMetrics(registry)
 
