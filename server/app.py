@@ -31,7 +31,7 @@ from engine.service import Service, ServiceLimits
 from engine.tokenization import TextTokenizer
 from server.errors import install_error_handlers
 from server.metrics import HttpMetrics
-from server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.middleware import BodyLimitMiddleware, CancelOnDisconnectMiddleware, RequestMetricsMiddleware
 from server.routes import router
 from server.settings import Settings
 
@@ -163,6 +163,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         RequestMetricsMiddleware, duration=http_metrics.request_seconds, in_flight=http_metrics.in_flight

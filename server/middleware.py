@@ -6,6 +6,7 @@ can refuse an oversized body before it is read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any
@@ -65,6 +66,45 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+class CancelOnDisconnectMiddleware:
+    """Cancel a request's handler when its client goes away, so its queued inputs leave the queue
+    before compute (uvicorn reports the disconnect but lets the handler run on)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        client_gone = False
+
+        async def tracking_receive() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        handler = asyncio.ensure_future(self.app(scope, tracking_receive, send))
+
+        async def watch() -> None:
+            nonlocal client_gone
+            await body_read.wait()  # the handler no longer reads: the next message is ours
+            if (await receive())["type"] == "http.disconnect" and not handler.done():
+                client_gone = True
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+        finally:
+            watcher.cancel()
+
+
 class RequestMetricsMiddleware:
     """Duration by route template, task and status; requests in flight."""
 
@@ -78,7 +118,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 499  # stays so only if no response started: the client went away
 
         async def recording_send(message: Message) -> None:
             nonlocal status

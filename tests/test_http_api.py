@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import start_server
@@ -303,3 +306,33 @@ def test_overload_gets_a_fast_429_with_retry_after(small_queue_client: httpx.Cli
     assert int(rejected.headers["Retry-After"]) >= 1
     # Accepted requests were all answered in full: nothing accepted is lost.
     assert all(len(r.json()["results"]) == 4 for r in responses if r.status_code == 200)
+
+
+def test_clients_that_hang_up_leave_the_queue_before_compute(small_queue_client: httpx.Client) -> None:
+    url = httpx.URL(str(small_queue_client.base_url))
+    body = orjson.dumps({"inputs": ["a long sentence to keep the encoder busy " * 40]})
+    request = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    before = _rejections(small_queue_client, "cancelled")
+    sockets = [socket.create_connection((url.host, url.port)) for _ in range(4)]
+    for sock in sockets:
+        sock.sendall(request)
+    time.sleep(0.05)  # parsed and queued behind the first, which computes on the one runtime
+    for sock in sockets[1:]:
+        sock.close()
+    assert b"200 OK" in sockets[0].recv(65536)
+    sockets[0].close()
+    deadline = time.monotonic() + 10
+    while _rejections(small_queue_client, "cancelled") - before < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _rejections(small_queue_client, "cancelled") - before >= 1
+    assert small_queue_client.get("/metrics").text.count('status="499"') >= 1
+
+
+def _rejections(client: httpx.Client, reason: str) -> float:
+    match = re.search(
+        rf'sparsebert_rejections_total\{{reason="{reason}"\}} ([0-9.e+]+)', client.get("/metrics").text
+    )
+    return float(match.group(1)) if match else 0.0
