@@ -1,7 +1,7 @@
-"""Pure ASGI middleware: request-body size limit and request metrics.
+"""Pure ASGI middleware: request-body size limit, cancellation on disconnect, request metrics.
 
-Written as raw ASGI (not BaseHTTPMiddleware) so that it adds no task hop to every request and
-can refuse an oversized body before it is read.
+Written as raw ASGI (not BaseHTTPMiddleware): the body limit refuses an oversized body before it
+is read, and only the disconnect watcher costs a task per request, which is its job.
 """
 
 from __future__ import annotations
