@@ -83,6 +83,10 @@ class Batcher:
         self.failure: BaseException | None = None
 
     @property
+    def _all_workers(self) -> list[_Worker]:
+        return [*self._workers, *([self._wide] if self._wide else [])]
+
+    @property
     def runtimes(self) -> int:
         return len(self._workers)
 
@@ -108,8 +112,7 @@ class Batcher:
     def _started_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            everyone = [*self._workers, *([self._wide] if self._wide else [])]
-            for index, worker in enumerate(everyone):
+            for index, worker in enumerate(self._all_workers):
                 worker.thread = threading.Thread(
                     target=self._work, args=(worker,), name=f"runtime-{index}", daemon=True
                 )
@@ -257,10 +260,9 @@ class Batcher:
 
     async def close(self) -> None:
         """Stop the worker threads after the batches they hold."""
-        everyone = [*self._workers, *([self._wide] if self._wide else [])]
-        for worker in everyone:
+        for worker in self._all_workers:
             worker.inbox.put(None)
-        threads = [worker.thread for worker in everyone if worker.thread is not None]
+        threads = [worker.thread for worker in self._all_workers if worker.thread is not None]
 
         def join_all() -> None:
             for thread in threads:

@@ -31,7 +31,6 @@ class LatencyModel:
         self._set(np.array([1e-3, 1e-4, 0.0, 0.0]))
 
     def _set(self, coef: np.ndarray) -> None:
-        self._coef = coef
         self._scalars = tuple(float(x) for x in coef)
 
     @property

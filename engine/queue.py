@@ -80,11 +80,16 @@ class BatchQueue(Generic[T]):
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    def has_room(self, items: int, tokens: int) -> bool:
+        """Whether `items` inputs of `tokens` tokens in all fit. The token cap never refuses
+        inputs into an empty queue, or a long one could never run."""
+        if len(self._items) + items > self.limits.max_queue_items:
+            return False
+        return not (self._items and self._queued_tokens + tokens > self.limits.max_queue_tokens)
+
     def put(self, item: QueuedItem[T]) -> None:
-        if len(self._items) >= self.limits.max_queue_items:
+        if not self.has_room(1, item.length):
             raise Overloaded("the request queue is full", retry_after_s=self.drain_estimate_s())
-        if self._queued_tokens + item.length > self.limits.max_queue_tokens and self._items:
-            raise Overloaded("too many tokens are queued", retry_after_s=self.drain_estimate_s())
         self._items.append(item)
         self._queued_tokens += item.length
 

@@ -210,12 +210,7 @@ class Service:
 
     def _admit(self, tokens: list[TokenizedText], deadline: float) -> None:
         """All of a request's inputs are admitted, or none: nothing is left half-queued."""
-        queue = self.batcher.queue
-        limits = queue.limits
-        new_tokens = sum(item.length for item in tokens)
-        if len(queue) + len(tokens) > limits.max_queue_items or (
-            queue.queued_tokens + new_tokens > limits.max_queue_tokens and len(queue) > 0
-        ):
+        if not self.batcher.queue.has_room(len(tokens), sum(item.length for item in tokens)):
             self.metrics.rejections.labels("queue_full").inc()
             raise Overloaded("the server is at capacity", retry_after_s=self.batcher.estimated_wait_s())
         own_cost = sum(self.batcher.latency.predict(1, item.length) for item in tokens)

@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
+from engine.bundle import TaskKind
 from engine.errors import NotReady, ValidationError
 from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Timings
 from engine.requests import Usage as EngineUsage
@@ -54,6 +55,14 @@ def _service(request: Request) -> Service:
     return service
 
 
+def _task_of(request: Request, model: str | None, kind: TaskKind) -> tuple[Service, str]:
+    """The service and the task that serves `model`; the task also labels the request's metrics."""
+    service = _service(request)
+    task = service.task_name(model, kind)
+    request.state.task = task
+    return service, task
+
+
 def _texts(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else inputs
 
@@ -89,9 +98,7 @@ TimeoutHeader = Header(None, alias="X-Request-Timeout", description="Deadline in
 async def classify(
     body: schemas.ClassifyBody, request: Request, x_request_timeout: str | None = TimeoutHeader
 ) -> Response:
-    service = _service(request)
-    task = service.task_name(body.model, "classification")
-    request.state.task = task
+    service, task = _task_of(request, body.model, "classification")
     served = await service.classify(
         ClassifyRequest(
             _texts(body.inputs), task, body.top_k, body.raw_scores, timeout_s=_timeout(x_request_timeout)
@@ -116,9 +123,7 @@ async def classify(
 async def ner(
     body: schemas.NerBody, request: Request, x_request_timeout: str | None = TimeoutHeader
 ) -> Response:
-    service = _service(request)
-    task = service.task_name(body.model, "token-classification")
-    request.state.task = task
+    service, task = _task_of(request, body.model, "token-classification")
     served = await service.ner(
         NerRequest(
             _texts(body.inputs), task, body.aggregation_strategy, timeout_s=_timeout(x_request_timeout)
@@ -142,9 +147,7 @@ async def predict(
     body: schemas.PredictBody, request: Request, x_request_timeout: str | None = TimeoutHeader
 ) -> Response:
     """text-embeddings-inference's /predict: every label with its score, best first."""
-    service = _service(request)
-    task = service.task_name(None, "classification")
-    request.state.task = task
+    service, task = _task_of(request, None, "classification")
     texts = _texts(body.inputs)
     served = await service.classify(
         ClassifyRequest(
