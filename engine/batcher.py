@@ -81,6 +81,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
+        self._queued: dict[asyncio.Future[EncodedInput], QueuedItem[EncodeJob]] = {}
 
     @property
     def _all_workers(self) -> list[_Worker]:
@@ -104,6 +105,7 @@ class Batcher:
             payload=EncodeJob(ids, future),
         )
         self.queue.put(item)
+        self._queued[future] = item
         future.add_done_callback(lambda f: self._on_waiter_done(item, f))
         self._update_gauges()
         self._dispatch()
@@ -119,7 +121,14 @@ class Batcher:
                 worker.thread.start()
         return self._loop
 
+    def extend_deadline(self, future: asyncio.Future[EncodedInput], deadline: float) -> None:
+        """Push back the deadline of a submitted input that has not run yet."""
+        item = self._queued.get(future)
+        if item is not None:
+            item.deadline = max(item.deadline, deadline)
+
     def _on_waiter_done(self, item: QueuedItem[EncodeJob], future: asyncio.Future[EncodedInput]) -> None:
+        self._queued.pop(future, None)
         if not future.cancelled():
             return
         item.cancelled = True  # a batch already formed skips it too

@@ -52,6 +52,11 @@ class EngineMetrics:
         self.busy_runtimes = Gauge(
             f"{PREFIX}_runtimes_busy", "Runtimes running a batch now.", registry=registry
         )
+        self.coalesced = Counter(
+            f"{PREFIX}_coalesced_inputs",
+            "Inputs that joined an identical input's encoding in flight instead of running again.",
+            registry=registry,
+        )
         self.rejections = Counter(
             f"{PREFIX}_rejections",
             "Inputs refused or dropped, by reason.",

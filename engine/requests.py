@@ -21,6 +21,7 @@ class ClassifyRequest:
     raw_scores: bool = False
     truncate: bool = True  # False: an input over the model's maximum is refused
     timeout_s: float | None = None
+    cache: bool = True  # False: computed afresh, and not stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class NerRequest:
     task: str | None = None
     aggregation: Aggregation = "simple"
     timeout_s: float | None = None
+    cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class EmbedRequest:
     normalize: bool = True
     truncate: bool = True
     timeout_s: float | None = None
+    cache: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +47,16 @@ class Timings:
     """Where a request's time went, in seconds (the longest of its inputs for queue/inference)."""
 
     total_s: float
-    tokenize_s: float
-    queue_s: float
-    inference_s: float
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Served(Generic[R]):
     results: list[R]
     timings: Timings
+    cache_hits: int = 0  # inputs whose result or encoder states came from the cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic
 
 import numpy as np
 
-from engine.batcher import Batcher
+from engine.batcher import Batcher, EncodedInput
 from engine.bundle import Bundle, TaskKind
+from engine.cache import codec
+from engine.cache.keys import CacheKeys
+from engine.cache.pool import CachePool
+from engine.coalesce import InFlight
 from engine.errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, ValidationError
 from engine.metrics import EngineMetrics
 from engine.requests import (
@@ -53,14 +58,38 @@ class _Encoded:
 @dataclass(frozen=True, slots=True)
 class _EncodedRequest:
     items: list[_Encoded]
-    started: float
     tokenize_s: float
-    queue_s: float
+    queue_s: float  # the longest of the inputs computed for this request (0 if none was)
     inference_s: float
+    cache_hits: int  # inputs whose states came from the cache
 
-    def served(self, results: list[R]) -> Served[R]:
-        total = time.monotonic() - self.started
-        return Served(results, Timings(total, self.tokenize_s, self.queue_s, self.inference_s))
+    def timings(self, started: float) -> Timings:
+        total = time.monotonic() - started
+        return Timings(total, self.tokenize_s, self.queue_s, self.inference_s)
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    timeout_s: float | None
+    truncate: bool = True  # False: an input over the model's maximum is refused
+    cache: bool = True  # False: neither read nor write the cache (in-flight work is still shared)
+
+
+@dataclass(frozen=True, slots=True)
+class _ResultCodec(Generic[R]):
+    """How one task's results are cached: the key scope (task and every parameter that changes
+    the output) and the codec."""
+
+    scope: str
+    encode: Callable[[R], bytes]
+    decode: Callable[[str, bytes], R]  # (the input text, the cached value)
+
+
+def _checked_states(value: bytes, length: int) -> np.ndarray:
+    states = codec.decode_states(value)
+    if states.shape[0] != length:
+        raise codec.DecodeError(f"cached states have {states.shape[0]} rows for {length} tokens")
+    return states
 
 
 class Service:
@@ -72,8 +101,16 @@ class Service:
         metrics: EngineMetrics,
         limits: ServiceLimits,
         tokenizer_threads: int = 1,
+        *,
+        cache: CachePool | None = None,
+        coalesce: bool = True,
     ) -> None:
+        """`cache`: the result and state cache (None: off). `coalesce`: identical inputs in flight
+        at the same time are encoded once."""
         self.bundle = bundle
+        self.cache = cache
+        self._inflight: InFlight[EncodedInput] | None = InFlight() if coalesce else None
+        self._state_keys = cache.keys if cache is not None else CacheKeys("local", bundle.manifest.version)
         self.tokenizer = tokenizer
         self.batcher = batcher
         self.metrics = metrics
@@ -91,12 +128,16 @@ class Service:
 
     async def start(self) -> None:
         """Warm every runtime over the batch shapes, off the loop; then become ready."""
+        if self.cache is not None:
+            self.cache.start()
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.warm_up)
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
         await self.batcher.close()
+        if self.cache is not None:
+            await self.cache.close()
         self._tokenize_pool.shutdown(wait=True)
 
     def task_name(self, requested: str | None, kind: TaskKind) -> str:
@@ -114,42 +155,90 @@ class Service:
         return requested
 
     async def classify(self, request: ClassifyRequest) -> Served[ClassifyResult]:
-        classifier = self.classifiers[self.task_name(request.task, "classification")]
+        task = self.task_name(request.task, "classification")
+        classifier = self.classifiers[task]
         if not 1 <= request.top_k <= min(self.limits.max_top_k, len(classifier.labels)):
             raise ValidationError(f"top_k must be between 1 and {len(classifier.labels)}")
-        encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
-        return encoded.served(
-            [
-                ClassifyResult(
-                    classifier.top_k(item.states, request.top_k, raw=request.raw_scores), item.usage
-                )
-                for item in encoded.items
-            ]
+
+        def head(_text: str, item: _Encoded) -> ClassifyResult:
+            labels = classifier.top_k(item.states, request.top_k, raw=request.raw_scores)
+            return ClassifyResult(labels, item.usage)
+
+        scope = f"{task}:k{request.top_k}:raw{request.raw_scores:d}:trunc{request.truncate:d}"
+        return await self._serve(
+            request.texts,
+            _ResultCodec(scope, codec.encode_classify, lambda _text, value: codec.decode_classify(value)),
+            head,
+            _Options(request.timeout_s, request.truncate, request.cache),
         )
 
     async def ner(self, request: NerRequest) -> Served[NerResult]:
-        classifier = self.token_classifiers[self.task_name(request.task, "token-classification")]
+        task = self.task_name(request.task, "token-classification")
+        classifier = self.token_classifiers[task]
         if request.aggregation not in AGGREGATIONS:
             raise ValidationError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}")
-        encoded = await self._encode(request.texts, request.timeout_s)
-        return encoded.served(
-            [
-                NerResult(
-                    classifier.entities(text, item.tokens, item.states, request.aggregation), item.usage
-                )
-                for text, item in zip(request.texts, encoded.items, strict=True)
-            ]
+
+        def head(text: str, item: _Encoded) -> NerResult:
+            entities = classifier.entities(text, item.tokens, item.states, request.aggregation)
+            return NerResult(entities, item.usage)
+
+        return await self._serve(
+            request.texts,
+            _ResultCodec(f"{task}:{request.aggregation}", codec.encode_ner, codec.decode_ner),
+            head,
+            _Options(request.timeout_s, cache=request.cache),
         )
 
     async def embed(self, request: EmbedRequest) -> Served[EmbedResult]:
-        encoded = await self._encode(request.texts, request.timeout_s, request.truncate)
+        self._validate(request.texts)
+        started = time.monotonic()
+        options = _Options(request.timeout_s, request.truncate, request.cache)
+        encoded = await self._encode(request.texts, options, started)
         results = []
         for item in encoded.items:
             vector = mean_pool(item.states)
             if request.normalize:
                 vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             results.append(EmbedResult(vector.astype(np.float32), item.usage))
-        return encoded.served(results)
+        return Served(results, encoded.timings(started), encoded.cache_hits)
+
+    async def flush_cache(self) -> int:
+        """Empty the in-process cache and this namespace's Redis keys; the Redis keys deleted."""
+        return 0 if self.cache is None else await self.cache.flush()
+
+    async def _serve(
+        self,
+        texts: list[str],
+        results_codec: _ResultCodec[R],
+        head: Callable[[str, _Encoded], R],
+        options: _Options,
+    ) -> Served[R]:
+        """Cached results where there are, the encoder and `head` for the rest."""
+        self._validate(texts)
+        started = time.monotonic()
+        pool = self.cache if options.cache else None
+        results: list[R | None] = [None] * len(texts)
+        keys: list[str] = []
+        if pool is not None:
+            keys = [pool.keys.result(results_codec.scope, text) for text in texts]
+            results = await pool.get_many(
+                keys, "result", lambda index, value: results_codec.decode(texts[index], value)
+            )
+        missing = [index for index, result in enumerate(results) if result is None]
+        if not missing:
+            return Served(
+                [r for r in results if r is not None], Timings(time.monotonic() - started), len(texts)
+            )
+        encoded = await self._encode([texts[i] for i in missing], options, started)
+        for index, item in zip(missing, encoded.items, strict=True):
+            results[index] = head(texts[index], item)
+        if pool is not None:
+            pool.put_many(
+                [(keys[i], results_codec.encode(result)) for i in missing if (result := results[i])],
+                "result",
+            )
+        hits = len(texts) - len(missing) + encoded.cache_hits
+        return Served([r for r in results if r is not None], encoded.timings(started), hits)
 
     def _validate(self, texts: Sequence[str]) -> None:
         if not self.ready:
@@ -168,45 +257,115 @@ class Service:
                     f"input {index} has {len(text)} characters; the limit is {self.limits.max_input_chars}"
                 )
 
-    async def _encode(
-        self, texts: list[str], timeout_s: float | None, truncate: bool = True
-    ) -> _EncodedRequest:
-        self._validate(texts)
-        started = time.monotonic()
-        timeout = self.limits.default_timeout_s if timeout_s is None else timeout_s
+    async def _encode(self, texts: list[str], options: _Options, started: float) -> _EncodedRequest:
+        """Encoder states of `texts`: cached ones, ones in flight for another request, new ones."""
+        timeout = self.limits.default_timeout_s if options.timeout_s is None else options.timeout_s
         deadline = started + timeout
         loop = asyncio.get_running_loop()
+        tokenize_started = time.monotonic()
         tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_batch, texts)
-        tokenize_s = time.monotonic() - started
+        tokenize_s = time.monotonic() - tokenize_started
         self.metrics.tokenize_seconds.observe(tokenize_s)
-        if not truncate:
+        if not options.truncate:
             for index, item in enumerate(tokens):
                 if item.dropped_tokens:
                     raise PayloadTooLarge(
                         f"input {index} has {item.length + item.dropped_tokens} tokens; the limit "
                         f"is {self.tokenizer.max_length} (set truncate to true to cut it)"
                     )
-        self._admit(tokens, deadline)
-        futures = [self.batcher.submit(item.ids, deadline) for item in tokens]
-        for item in tokens:
-            self.metrics.input_tokens.observe(item.length)
-        try:
-            outputs = await asyncio.wait_for(
-                asyncio.gather(*futures), timeout=max(deadline - time.monotonic(), 0.0)
+        pool = self.cache if options.cache else None
+        keys = [self._state_keys.states(item.ids) for item in tokens]
+        states: list[np.ndarray | None] = [None] * len(tokens)
+        if pool is not None:
+            states = await pool.get_many(
+                keys, "states", lambda index, value: _checked_states(value, tokens[index].length)
             )
-        except TimeoutError:
-            self.metrics.rejections.labels("deadline").inc()
-            raise DeadlineExceeded(f"no result within the request's {timeout:g} s deadline") from None
-        finally:
-            for future in futures:
-                future.cancel()  # a no-op for finished ones; frees queue slots for the rest
+        missing = [index for index, found in enumerate(states) if found is None]
+        cache_hits = len(tokens) - len(missing)
+        waiting = self._compute(missing, tokens, keys, deadline, pool)
+        if waiting:
+            try:
+                outputs = await asyncio.wait_for(
+                    asyncio.gather(*waiting.values()), timeout=max(deadline - time.monotonic(), 0.0)
+                )
+            except TimeoutError:
+                self.metrics.rejections.labels("deadline").inc()
+                raise DeadlineExceeded(f"no result within the request's {timeout:g} s deadline") from None
+            finally:
+                for future in waiting.values():
+                    future.cancel()  # a no-op for finished ones; frees queue slots for the rest
+            computed = dict(zip(waiting, outputs, strict=True))
+            for index, output in computed.items():
+                states[index] = output.states
+        else:
+            computed = {}
+        items = []
+        for tok, found in zip(tokens, states, strict=True):
+            assert found is not None  # every input was found in the cache or computed
+            items.append(_Encoded(tok, found))
         return _EncodedRequest(
-            items=[_Encoded(tok, out.states) for tok, out in zip(tokens, outputs, strict=True)],
-            started=started,
+            items=items,
             tokenize_s=tokenize_s,
-            queue_s=max(out.queue_s for out in outputs),
-            inference_s=max(out.inference_s for out in outputs),
+            queue_s=max((out.queue_s for out in computed.values()), default=0.0),
+            inference_s=max((out.inference_s for out in computed.values()), default=0.0),
+            cache_hits=cache_hits,
         )
+
+    def _compute(
+        self,
+        indices: list[int],
+        tokens: list[TokenizedText],
+        keys: list[str],
+        deadline: float,
+        pool: CachePool | None,
+    ) -> dict[int, asyncio.Future[EncodedInput]]:
+        """Futures of the states of `tokens[indices]`: joined to identical work in flight where
+        there is some, else submitted (all of the new inputs admitted, or none)."""
+        waiting: dict[int, asyncio.Future[EncodedInput]] = {}
+        if not indices:
+            return waiting
+        inflight = self._inflight
+        new: dict[str, int] = {}
+        repeats: list[int] = []  # repeats inside this request: they join the first once it is submitted
+        try:
+            for index in indices:
+                joined = inflight.join(keys[index], deadline) if inflight is not None else None
+                if joined is not None:
+                    waiting[index] = joined
+                    self.metrics.coalesced.inc()
+                elif inflight is None:
+                    new[str(index)] = index
+                elif keys[index] in new:
+                    repeats.append(index)
+                else:
+                    new[keys[index]] = index
+            if new:
+                self._admit([tokens[i] for i in new.values()], deadline)
+            for key, index in new.items():
+                work = self.batcher.submit(tokens[index].ids, deadline)
+                if pool is not None:
+                    work.add_done_callback(self._store_states(pool, keys[index]))
+                waiting[index] = work if inflight is None else inflight.start(key, work, self._extender(work))
+            for index in repeats:
+                assert inflight is not None
+                waiting[index] = inflight.join(keys[index], deadline) or waiting[new[keys[index]]]
+                self.metrics.coalesced.inc()
+        except BaseException:
+            for future in waiting.values():
+                future.cancel()  # a refused request leaves nothing behind in the queue or in flight
+            raise
+        return waiting
+
+    def _extender(self, work: asyncio.Future[EncodedInput]) -> Callable[[float], None]:
+        return lambda deadline: self.batcher.extend_deadline(work, deadline)
+
+    @staticmethod
+    def _store_states(pool: CachePool, key: str) -> Callable[[asyncio.Future[EncodedInput]], None]:
+        def store(work: asyncio.Future[EncodedInput]) -> None:
+            if not work.cancelled() and work.exception() is None:
+                pool.put_many([(key, codec.encode_states(work.result().states))], "states")
+
+        return store
 
     def _admit(self, tokens: list[TokenizedText], deadline: float) -> None:
         """All of a request's inputs are admitted, or none: nothing is left half-queued."""

@@ -22,6 +22,12 @@ from starlette.responses import Response
 
 from engine.batcher import Batcher
 from engine.bundle import Bundle, load_bundle
+from engine.cache.breaker import CircuitBreaker
+from engine.cache.keys import CacheKeys
+from engine.cache.local import LocalTier
+from engine.cache.metrics import CacheMetrics
+from engine.cache.pool import CachePool, CacheTtl
+from engine.cache.redis_tier import RedisTier
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
 from engine.runtime.affinity import runtime_cpus
@@ -32,7 +38,7 @@ from engine.tokenization import TextTokenizer
 from server.errors import install_error_handlers
 from server.metrics import HttpMetrics
 from server.middleware import BodyLimitMiddleware, CancelOnDisconnectMiddleware, RequestMetricsMiddleware
-from server.routes import router
+from server.routes import admin_router, router
 from server.settings import Settings
 
 log = logging.getLogger("sparsebert")
@@ -46,7 +52,29 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def build_service(settings: Settings, bundle: Bundle, metrics: EngineMetrics) -> Service:
+def build_cache(settings: Settings, bundle: Bundle, metrics: CacheMetrics) -> CachePool | None:
+    if not settings.cache or (settings.cache_l1_bytes == 0 and settings.cache_redis_url is None):
+        return None
+    shared = None
+    if settings.cache_redis_url is not None:
+        shared = RedisTier(
+            settings.cache_redis_url,
+            metrics,
+            timeout_s=settings.cache_redis_timeout_ms / 1000.0,
+            breaker=CircuitBreaker(reset_after_s=settings.cache_redis_retry_s),
+        )
+    return CachePool(
+        CacheKeys(settings.cache_namespace, bundle.manifest.version),
+        metrics,
+        local=LocalTier(settings.cache_l1_bytes) if settings.cache_l1_bytes else None,
+        shared=shared,
+        ttl=CacheTtl(settings.cache_result_ttl_s, settings.cache_states_ttl_s),
+    )
+
+
+def build_service(
+    settings: Settings, bundle: Bundle, metrics: EngineMetrics, cache: CachePool | None = None
+) -> Service:
     manifest = bundle.manifest
     if settings.max_batch_tokens < manifest.max_length:
         raise ValueError(
@@ -84,6 +112,8 @@ def build_service(settings: Settings, bundle: Bundle, metrics: EngineMetrics) ->
             default_timeout_s=settings.request_timeout_s,
         ),
         tokenizer_threads=settings.tokenizer_threads,
+        cache=cache,
+        coalesce=settings.coalesce,
     )
 
 
@@ -125,7 +155,10 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
             loaded = await loop.run_in_executor(
                 None, lambda: load_bundle(settings.bundle, allow_failed_gates=settings.allow_failed_gates)
             )
-        service = await loop.run_in_executor(None, build_service, settings, loaded, EngineMetrics(registry))
+        cache = build_cache(settings, loaded, CacheMetrics(registry))
+        service = await loop.run_in_executor(
+            None, build_service, settings, loaded, EngineMetrics(registry), cache
+        )
         http_metrics.build.info(
             {
                 "version": server_version(),
@@ -158,6 +191,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app.state.registry = registry
     install_error_handlers(app)
     app.include_router(router)
+    if settings.admin_api:
+        app.include_router(admin_router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from engine.bundle import TaskKind
 from engine.errors import NotReady, ValidationError
-from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Timings
+from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Served
 from engine.requests import Usage as EngineUsage
 from engine.service import Service
 from engine.tasks.ner import Entity
@@ -31,15 +31,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _json(payload: Any, timings: Timings | None = None) -> Response:
-    """JSON body; with `timings`, text-embeddings-inference's x-*-time headers (milliseconds)."""
+def _json(payload: Any, served: Served[Any] | None = None) -> Response:
+    """JSON body; for a served request text-embeddings-inference's x-*-time headers (milliseconds)
+    and x-cache-hits (how many of its inputs came from the cache)."""
     headers = None
-    if timings is not None:
+    if served is not None:
+        timings = served.timings
         headers = {
             "x-total-time": f"{timings.total_s * 1000:.3f}",
             "x-tokenization-time": f"{timings.tokenize_s * 1000:.3f}",
             "x-queue-time": f"{timings.queue_s * 1000:.3f}",
             "x-inference-time": f"{timings.inference_s * 1000:.3f}",
+            "x-cache-hits": str(served.cache_hits),
         }
     return Response(
         orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
@@ -92,16 +95,32 @@ def _entity(entity: Entity, per_token: bool) -> dict[str, Any]:
 
 
 TimeoutHeader = Header(None, alias="X-Request-Timeout", description="Deadline in seconds.")
+CacheControlHeader = Header(
+    None, alias="Cache-Control", description="`no-cache` or `no-store`: compute afresh, store nothing."
+)
+
+
+def _use_cache(body_flag: bool, cache_control: str | None) -> bool:
+    directives = {part.strip().lower() for part in (cache_control or "").split(",")}
+    return body_flag and not directives & {"no-cache", "no-store"}
 
 
 @router.post("/v1/classify", response_model=schemas.ClassifyResponse, responses=ERRORS, tags=["tasks"])
 async def classify(
-    body: schemas.ClassifyBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+    body: schemas.ClassifyBody,
+    request: Request,
+    x_request_timeout: str | None = TimeoutHeader,
+    cache_control: str | None = CacheControlHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "classification")
     served = await service.classify(
         ClassifyRequest(
-            _texts(body.inputs), task, body.top_k, body.raw_scores, timeout_s=_timeout(x_request_timeout)
+            _texts(body.inputs),
+            task,
+            body.top_k,
+            body.raw_scores,
+            timeout_s=_timeout(x_request_timeout),
+            cache=_use_cache(body.cache, cache_control),
         )
     )
     return _json(
@@ -115,18 +134,25 @@ async def classify(
                 for r in served.results
             ],
         },
-        served.timings,
+        served,
     )
 
 
 @router.post("/v1/ner", response_model=schemas.NerResponse, responses=ERRORS, tags=["tasks"])
 async def ner(
-    body: schemas.NerBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+    body: schemas.NerBody,
+    request: Request,
+    x_request_timeout: str | None = TimeoutHeader,
+    cache_control: str | None = CacheControlHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "token-classification")
     served = await service.ner(
         NerRequest(
-            _texts(body.inputs), task, body.aggregation_strategy, timeout_s=_timeout(x_request_timeout)
+            _texts(body.inputs),
+            task,
+            body.aggregation_strategy,
+            timeout_s=_timeout(x_request_timeout),
+            cache=_use_cache(body.cache, cache_control),
         )
     )
     per_token = body.aggregation_strategy == "none"
@@ -138,13 +164,16 @@ async def ner(
                 for r in served.results
             ],
         },
-        served.timings,
+        served,
     )
 
 
 @router.post("/predict", responses=ERRORS, tags=["text-embeddings-inference"])
 async def predict(
-    body: schemas.PredictBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+    body: schemas.PredictBody,
+    request: Request,
+    x_request_timeout: str | None = TimeoutHeader,
+    cache_control: str | None = CacheControlHeader,
 ) -> Response:
     """text-embeddings-inference's /predict: every label with its score, best first."""
     service, task = _task_of(request, None, "classification")
@@ -157,22 +186,32 @@ async def predict(
             raw_scores=body.raw_scores,
             truncate=body.truncate,
             timeout_s=_timeout(x_request_timeout),
+            cache=_use_cache(True, cache_control),
         )
     )
     scored = [[{"score": ls.score, "label": ls.label} for ls in r.labels] for r in served.results]
-    return _json(scored[0] if isinstance(body.inputs, str) else scored, served.timings)
+    return _json(scored[0] if isinstance(body.inputs, str) else scored, served)
 
 
 @router.post("/embed", responses=ERRORS, tags=["text-embeddings-inference"])
 async def embed(
-    body: schemas.EmbedBody, request: Request, x_request_timeout: str | None = TimeoutHeader
+    body: schemas.EmbedBody,
+    request: Request,
+    x_request_timeout: str | None = TimeoutHeader,
+    cache_control: str | None = CacheControlHeader,
 ) -> Response:
     """text-embeddings-inference's /embed: mean-pooled sentence embeddings, one list per input."""
     request.state.task = "embed"
     served = await _service(request).embed(
-        EmbedRequest(_texts(body.inputs), body.normalize, body.truncate, _timeout(x_request_timeout))
+        EmbedRequest(
+            _texts(body.inputs),
+            body.normalize,
+            body.truncate,
+            _timeout(x_request_timeout),
+            cache=_use_cache(True, cache_control),
+        )
     )
-    return _json([r.embedding for r in served.results], served.timings)
+    return _json([r.embedding for r in served.results], served)
 
 
 @router.get("/v1/models", response_model=schemas.ModelList, tags=["meta"])
@@ -210,3 +249,14 @@ async def ready(request: Request) -> Response:
     except NotReady as error:
         return error_response(error.kind, error.message)
     return _json({"status": "ready"})
+
+
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@admin_router.post("/cache/flush")
+async def flush_cache(request: Request) -> Response:
+    """Empty this replica's in-process cache and every key of the namespace in Redis (every
+    bundle version). Other replicas' in-process tiers keep their entries until they expire."""
+    deleted = await _service(request).flush_cache()
+    return _json({"flushed": True, "redis_keys_deleted": deleted})

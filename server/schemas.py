@@ -15,6 +15,9 @@ class ClassifyBody(BaseModel):
     model: str | None = Field(None, description="A classification model of /v1/models; default: the first.")
     top_k: int = Field(1, ge=1, description="How many labels to return per input, best first.")
     raw_scores: bool = Field(False, description="Return logits instead of probabilities.")
+    cache: bool = Field(
+        True, description="false: compute afresh and store nothing (as Cache-Control: no-cache)."
+    )
     long_input: Literal["truncate"] = Field(
         "truncate", description="Inputs longer than the model's maximum are truncated (reported in usage)."
     )
@@ -26,6 +29,9 @@ class NerBody(BaseModel):
     model: str | None = Field(None, description="A token-classification model; default: the first.")
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = Field(
         "simple", description="As in the Hugging Face token-classification pipeline."
+    )
+    cache: bool = Field(
+        True, description="false: compute afresh and store nothing (as Cache-Control: no-cache)."
     )
     long_input: Literal["truncate"] = "truncate"
 

@@ -61,6 +61,32 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request without an X-Request-Timeout header."
     )
+    cache: bool = Field(
+        True, description="Cache results and encoder states (in process; in Redis too with a Redis URL)."
+    )
+    cache_l1_bytes: int = Field(
+        128 * 1024 * 1024, ge=0, description="Size bound of the in-process cache tier in bytes (0: off)."
+    )
+    cache_redis_url: str | None = Field(
+        None, description="Redis shared by every replica as the second cache tier (redis://host:6379/0)."
+    )
+    cache_namespace: str = Field(
+        "sparsebert",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Prefix of every cache key: deployments sharing one Redis use different ones.",
+    )
+    cache_result_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached result.")
+    cache_states_ttl_s: int = Field(600, ge=1, description="Lifetime of cached encoder states.")
+    cache_redis_timeout_ms: float = Field(
+        100.0, gt=0, le=10_000, description="Timeout of each Redis call; past it the lookup is a miss."
+    )
+    cache_redis_retry_s: float = Field(
+        2.0, gt=0, description="After repeated Redis failures, skip Redis this long before probing it."
+    )
+    coalesce: bool = Field(True, description="Encode identical inputs that are in flight at once only once.")
+    admin_api: bool = Field(
+        False, description="Serve the admin routes (POST /admin/cache/flush). Keep them off the public port."
+    )
     log_level: str = Field("info", description="uvicorn log level.")
 
     @model_validator(mode="after")

@@ -24,6 +24,8 @@ NEGATIVE = [
     "The worst film I have seen in years: tedious, ugly and stupid.",
 ]
 NER_TEXT = "Shares of Microsoft rose in New York after Bill Gates spoke."
+# Tests of the encoder's own behaviour opt out of the cache pool (tests/test_cache_*.py cover it).
+FRESH = {"Cache-Control": "no-cache"}
 
 
 def error_of(response: httpx.Response, status: int) -> str:
@@ -62,7 +64,7 @@ def test_clear_sentiment_gets_the_right_label(client: httpx.Client) -> None:
      ("/embed", {"inputs": "ok"})],
 )  # fmt: skip
 def test_responses_say_where_the_time_went(client: httpx.Client, route: str, body: dict[str, object]) -> None:
-    response = client.post(route, json=body)
+    response = client.post(route, json=body, headers=FRESH)
     assert response.status_code == 200
     times = {
         name: float(response.headers[f"x-{name}-time"])
@@ -71,6 +73,7 @@ def test_responses_say_where_the_time_went(client: httpx.Client, route: str, bod
     assert all(value >= 0 for value in times.values())
     assert times["inference"] > 0
     assert times["total"] >= max(times["tokenization"], times["inference"])
+    assert response.headers["x-cache-hits"] == "0"
 
 
 def test_top_k_returns_labels_best_first_summing_to_one(client: httpx.Client) -> None:
@@ -122,17 +125,20 @@ def test_an_input_gives_the_same_answer_alone_and_in_a_mixed_batch(client: httpx
         "and everything else that fills a newspaper on a slow Sunday afternoon in late autumn.",
         NEGATIVE[0],
     ]
-    alone = client.post("/v1/classify", json={"inputs": POSITIVE[0], "top_k": 2}).json()["results"][0]
+    alone = client.post("/v1/classify", json={"inputs": POSITIVE[0], "top_k": 2}, headers=FRESH)
     batched = client.post(
-        "/v1/classify", json={"inputs": [fillers[0], POSITIVE[0], *fillers[1:]], "top_k": 2}
+        "/v1/classify", json={"inputs": [fillers[0], POSITIVE[0], *fillers[1:]], "top_k": 2}, headers=FRESH
     )
     mixed = batched.json()["results"][1]
-    assert alone["labels"][0]["label"] == mixed["labels"][0]["label"]
-    for a, b in zip(alone["labels"], mixed["labels"], strict=True):
+    assert alone.headers["x-cache-hits"] == batched.headers["x-cache-hits"] == "0"
+    assert alone.json()["results"][0]["labels"][0]["label"] == mixed["labels"][0]["label"]
+    for a, b in zip(alone.json()["results"][0]["labels"], mixed["labels"], strict=True):
         assert a["score"] == pytest.approx(b["score"], abs=0.02)
 
-    ner_alone = client.post("/v1/ner", json={"inputs": NER_TEXT}).json()["results"][0]["entities"]
-    ner_mixed = client.post("/v1/ner", json={"inputs": [*fillers, NER_TEXT]}).json()["results"][3]["entities"]
+    ner_alone = client.post("/v1/ner", json={"inputs": NER_TEXT}, headers=FRESH).json()
+    ner_alone = ner_alone["results"][0]["entities"]
+    ner_mixed = client.post("/v1/ner", json={"inputs": [*fillers, NER_TEXT]}, headers=FRESH).json()
+    ner_mixed = ner_mixed["results"][3]["entities"]
     assert [(e["entity_group"], e["start"], e["end"]) for e in ner_alone] == [
         (e["entity_group"], e["start"], e["end"]) for e in ner_mixed
     ]
@@ -291,10 +297,9 @@ def small_queue_client(bundle_dir: Path) -> Iterator[httpx.Client]:
 
 
 def test_overload_gets_a_fast_429_with_retry_after(small_queue_client: httpx.Client) -> None:
-    body = {"inputs": ["a long sentence to keep the encoder busy " * 20] * 4}
-
-    def post(_: int) -> httpx.Response:
-        return small_queue_client.post("/v1/classify", json=body)
+    def post(index: int) -> httpx.Response:
+        texts = [f"{index}.{j} " + "a long sentence to keep the encoder busy " * 20 for j in range(4)]
+        return small_queue_client.post("/v1/classify", json={"inputs": texts})
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(post, range(24)))
@@ -310,15 +315,18 @@ def test_overload_gets_a_fast_429_with_retry_after(small_queue_client: httpx.Cli
 
 def test_clients_that_hang_up_leave_the_queue_before_compute(small_queue_client: httpx.Client) -> None:
     url = httpx.URL(str(small_queue_client.base_url))
-    body = orjson.dumps({"inputs": ["a long sentence to keep the encoder busy " * 40]})
-    request = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+
+    def request(index: int) -> bytes:  # distinct texts: identical ones would share one encoding
+        body = orjson.dumps({"inputs": [f"{index} " + "a long sentence to keep the encoder busy " * 40]})
+        return (
+            f"POST /v1/classify HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
     before = _rejections(small_queue_client, "cancelled")
     sockets = [socket.create_connection((url.host, url.port)) for _ in range(4)]
-    for sock in sockets:
-        sock.sendall(request)
+    for index, sock in enumerate(sockets):
+        sock.sendall(request(index))
     time.sleep(0.05)  # parsed and queued behind the first, which computes on the one runtime
     for sock in sockets[1:]:
         sock.close()
