@@ -22,6 +22,7 @@ from engine.metrics import EngineMetrics
 from engine.queue import Batch, BatchLimits, BatchQueue, QueuedItem
 from engine.runtime.affinity import pin_current_thread
 from engine.runtime.base import EncoderRuntime, pad_batch
+from engine.tasks.heads import masked_mean
 
 # Batches formed ahead per runtime, beyond the one it computes. Measured through the engine on
 # the benchmark workload: prefetching one batch cost ~15% throughput and ~25% p99 at
@@ -39,6 +40,7 @@ WIDE_MIN_S = 0.01
 @dataclass(frozen=True, slots=True)
 class EncodedInput:
     states: np.ndarray  # [tokens, hidden], this input's rows only
+    pooled: np.ndarray  # [hidden], the mean of `states` (computed per batch on the runtime's thread)
     queue_s: float  # from submission to the start of its batch
     inference_s: float  # its batch's encoder time
 
@@ -194,12 +196,12 @@ class Batcher:
             now = time.monotonic()
             expired = [item for item in batch.items if item.deadline <= now]
             live = [item for item in batch.items if not item.cancelled and item.deadline > now]
-            outcome: tuple[np.ndarray, float, float] | BaseException | None = None
+            outcome: tuple[np.ndarray, np.ndarray, float, float] | BaseException | None = None
             if live:
                 max_len = max(item.length for item in live)
                 try:
                     states, seconds = _encode(worker.runtime, [item.payload.ids for item in live], max_len)
-                    outcome = (states, seconds, now)
+                    outcome = (states, masked_mean(states, [item.length for item in live]), seconds, now)
                 except Exception as exc:  # handed to the loop, which fails the batch
                     outcome = exc
             self._loop.call_soon_threadsafe(self._complete, worker, live, expired, outcome)
@@ -209,7 +211,7 @@ class Batcher:
         worker: _Worker,
         items: list[QueuedItem[EncodeJob]],
         expired: list[QueuedItem[EncodeJob]],
-        outcome: tuple[np.ndarray, float, float] | BaseException | None,
+        outcome: tuple[np.ndarray, np.ndarray, float, float] | BaseException | None,
     ) -> None:
         worker.assigned -= 1
         self._fail_expired(expired)
@@ -219,7 +221,7 @@ class Batcher:
                 if not item.payload.future.done():
                     item.payload.future.set_exception(outcome)
         elif outcome is not None:
-            states, seconds, started = outcome
+            states, pooled, seconds, started = outcome
             self.metrics.inference_seconds.observe(seconds)
             if worker is not self._wide:  # the model is of the single-thread runtimes
                 max_len = states.shape[1]
@@ -227,7 +229,9 @@ class Batcher:
             for row, item in enumerate(items):
                 if not item.payload.future.done():
                     item.payload.future.set_result(
-                        EncodedInput(states[row, : item.length], started - item.enqueued_at, seconds)
+                        EncodedInput(
+                            states[row, : item.length], pooled[row], started - item.enqueued_at, seconds
+                        )
                     )
         self._dispatch()
 

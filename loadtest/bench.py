@@ -18,14 +18,11 @@ import json
 import os
 import random
 import resource
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import orjson
 
@@ -34,9 +31,14 @@ from engine.runtime.base import pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
 from loadtest.http_client import HttpConnection
+from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
-NAIVE_FLAGS = ("--runtimes", "1", "--intra-op-threads", "2", "--max-batch-size", "1")
+# The batching suite measures computation: the workload cycles through its texts, so the cache
+# pool (loadtest/cache_bench.py measures it) would turn every request after the first pass into
+# a hit.
+SERVER_FLAGS = ("--no-cache", "--no-coalesce")
+NAIVE_FLAGS = (*SERVER_FLAGS, "--runtimes", "1", "--intra-op-threads", "2", "--max-batch-size", "1")
 
 
 @dataclass
@@ -100,25 +102,6 @@ async def _closed_loop(
     )
 
 
-def _start_server(bundle: Path, port: int, flags: tuple[str, ...]) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-         "--log-level", "warning", *flags],
-    )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise TimeoutError("server did not become ready")
-
-
 def _run_setup(
     setup: str,
     flags: tuple[str, ...],
@@ -132,7 +115,7 @@ def _run_setup(
 ) -> list[LoadResult]:
     """Each load point sits between two raw-engine measurements (the server idles meanwhile),
     so its ratio to the ceiling compares runs seconds apart, not minutes."""
-    process = _start_server(bundle, port, flags)
+    process = start_server(bundle, port, flags)
     try:
         asyncio.run(_closed_loop(port, texts, 4, 2.0, setup))  # warm the connections and caches
         results = []
@@ -152,8 +135,7 @@ def _run_setup(
             results.append(result)
         return results
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_server(process)
 
 
 class RawEngine:
@@ -226,7 +208,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--suite", choices=("batching", "cache", "all"), default="all", help="which benchmark to run"
+    )
+    parser.add_argument("--cache-requests", type=int, default=3000, help="requests per cache setup")
+    parser.add_argument("--cache-concurrency", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.suite in ("batching", "all"):
+        batching(args)
+    if args.suite in ("cache", "all"):
+        from loadtest.cache_bench import run as cache_run
+
+        cache_run(args.bundle, args.port, args.cache_requests, args.cache_concurrency)
+    return 0
+
+
+def batching(args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     texts = load_workload()
     print(f"workload: {len(texts)} texts, CPUs: {os.cpu_count()}; {args.duration:g} s per point", flush=True)
@@ -234,7 +231,7 @@ def main(argv: list[str]) -> int:
     engine = RawEngine(args.bundle, texts, runtimes=2)
     budget = engine.best_budget(args.duration / 2)
     run = (args.bundle, args.port, texts, levels, args.duration, engine, budget)
-    server = _run_setup("server", (), *run)
+    server = _run_setup("server", SERVER_FLAGS, *run)
     naive = [] if args.skip_naive else _run_setup("naive", NAIVE_FLAGS, *run)
 
     print("\n| setup | concurrency | req/s | p50 ms | p99 ms | p99/p50 | errors | load-gen CPU "
@@ -258,4 +255,3 @@ def main(argv: list[str]) -> int:
             indent=2,
         )
     )
-    return 0

@@ -159,3 +159,12 @@ def test_a_lone_long_batch_on_an_idle_machine_runs_wide() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_pooled_states_are_each_inputs_own_mean_without_padding() -> None:
+    from engine.tasks.heads import masked_mean
+
+    states = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+    pooled = masked_mean(states, [5, 2, 1])
+    for row, length in enumerate([5, 2, 1]):
+        np.testing.assert_allclose(pooled[row], states[row, :length].mean(0), rtol=1e-5)

@@ -65,7 +65,7 @@ def test_float16_states_keep_every_label_on_real_text(bundle_dir: Path) -> None:
         ids = tokens.ids[None, :]
         states = runtime.encode(ids, np.ones_like(ids))[0]
         stored = codec.decode_states(codec.encode_states(states))
-        exact, cached = sentiment.top_k(states, 2), sentiment.top_k(stored, 2)
+        exact, cached = sentiment.top_k(states.mean(0), 2), sentiment.top_k(stored.mean(0), 2)
         changed_labels += exact[0].label != cached[0].label
         prob_shift = max(
             prob_shift, abs(exact[0].score - dict((s.label, s.score) for s in cached)[exact[0].label])

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, start_server
-from tests.redis_server import RedisServer
+from loadtest.redis_server import RedisServer
+from loadtest.server_process import free_port
+from tests.conftest import start_server
 
 
 def metric(client: httpx.Client, name: str, **labels: str) -> float:

@@ -18,7 +18,7 @@ from engine.cache.local import LocalTier
 from engine.cache.metrics import CacheMetrics
 from engine.cache.pool import CachePool, CacheTtl
 from engine.cache.redis_tier import RedisTier
-from tests.redis_server import RedisServer
+from loadtest.redis_server import RedisServer
 
 _namespaces = itertools.count()
 
@@ -164,7 +164,7 @@ def test_namespaces_and_bundle_versions_never_read_each_other(redis_server: Redi
 def test_redis_killed_is_a_miss_then_the_breaker_skips_it_and_it_comes_back(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    from tests.conftest import free_port
+    from loadtest.server_process import free_port
 
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis-fault"))
     server.start()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.tasks.heads import LabelledHead, mean_pool, softmax
+from engine.tasks.heads import LabelledHead, softmax
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,9 +16,9 @@ class LabelScore:
 
 
 class Classifier(LabelledHead):
-    def top_k(self, states: np.ndarray, k: int, *, raw: bool = False) -> list[LabelScore]:
-        """The k best labels of a text's [tokens, hidden] states: probabilities, or logits if raw."""
-        logits = self.head.logits(mean_pool(states)[None, :])[0]
+    def top_k(self, pooled: np.ndarray, k: int, *, raw: bool = False) -> list[LabelScore]:
+        """The k best labels of a text's mean-pooled [hidden] states: probabilities, or logits if raw."""
+        logits = self.head.logits(pooled[None, :])[0]
         scores = logits if raw else softmax(logits)
         order = np.argsort(-scores)[:k]
         return [LabelScore(self.labels[i], float(scores[i])) for i in order]

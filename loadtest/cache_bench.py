@@ -1,0 +1,250 @@
+"""`sparsebert bench --suite cache`: the cache pool on a workload with repeats, in one run.
+
+The workload: a fixed sequence of classify requests in which half are new texts and half repeat
+an earlier one, picked Zipf-like by popularity (rank r with weight 1/r^1.1), the shape of real
+traffic (a few texts asked for very often, a long tail asked twice). Texts are drawn, seeded,
+from the packaged BBC News corpus. The sequence is played closed-loop at a fixed concurrency.
+
+This machine's speed drifts by 10-20% over minutes, so each cached run is compared with cache-off
+runs on the same server process, interleaved: off, cached, off, cached. "Off" sends every
+request with `Cache-Control: no-store` (no lookup, no write); the admin flush empties the cache
+before each cached run. Coalescing is off in both (`--no-coalesce`): this measures the cache.
+
+- L1: the embedded default (in-process tier only);
+- L1+L2: with a local redis-server (another process on the same 2 cores);
+- L1+L2 with Redis killed (SIGKILL) a third of the way through and restarted at two thirds.
+
+Then, at concurrency 1, the end-to-end latency over HTTP of an L1 hit (a text this replica
+served), an L2 hit (a second replica, its L1 empty, sharing the Redis) and a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+from loadtest.http_client import HttpConnection
+from loadtest.redis_server import RedisServer
+from loadtest.server_process import free_port, start_server, stop_server
+from loadtest.workload import generate
+
+NO_STORE = {"Cache-Control": "no-store"}
+ROUNDS = 2
+
+
+@dataclass
+class CacheRun:
+    setup: str
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def repeat_workload(requests: int, repeat_share: float = 0.5, seed: int = 11) -> list[str]:
+    """`requests` texts, `repeat_share` of them repeats of earlier ones (Zipf by first appearance)."""
+    rng = random.Random(seed)
+    fresh = list(dict.fromkeys(generate(count=int(requests * (1 - repeat_share) * 1.1) + 10, seed=seed)))
+    seen: list[str] = []
+    weights: list[float] = []
+    sequence: list[str] = []
+    for _ in range(requests):
+        if not seen or rng.random() >= repeat_share:
+            seen.append(fresh[len(seen)])
+            weights.append(1.0 / len(seen) ** 1.1)
+            sequence.append(seen[-1])
+        else:
+            sequence.append(rng.choices(seen, weights)[0])
+    return sequence
+
+
+async def play(
+    port: int,
+    sequence: list[str],
+    concurrency: int,
+    setup: str,
+    headers: dict[str, str] | None = None,
+    progress: list[int] | None = None,
+) -> CacheRun:
+    """Every request of `sequence`, in order, by `concurrency` closed-loop clients; `progress[0]`
+    counts the requests sent (read by another thread)."""
+    connections = [HttpConnection("127.0.0.1", port) for _ in range(concurrency)]
+    encoded = [
+        connections[0].encode_post("/v1/classify", orjson.dumps({"inputs": text}), headers)
+        for text in sequence
+    ]
+    latencies: list[float] = []
+    errors = 0
+    cursor = 0
+
+    async def user(connection: HttpConnection) -> None:
+        nonlocal cursor, errors
+        while cursor < len(encoded):
+            request = encoded[cursor]
+            cursor += 1
+            if progress is not None:
+                progress[0] = cursor
+            started = time.perf_counter()
+            try:
+                status, _ = await connection.send(request)
+            except (ConnectionError, OSError):
+                status = 0
+            if status == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user(c) for c in connections))
+    wall = time.perf_counter() - started
+    for connection in connections:
+        await connection.close()
+    lat = np.array(latencies) * 1000
+    return CacheRun(
+        setup,
+        len(latencies),
+        errors,
+        round(wall, 2),
+        round(len(latencies) / wall, 1),
+        round(float(np.percentile(lat, 50)), 2),
+        round(float(np.percentile(lat, 99)), 2),
+    )
+
+
+def run(bundle: Path, port: int, requests: int, concurrency: int) -> int:
+    sequence = repeat_workload(requests)
+    repeats = len(sequence) - len(set(sequence))
+    print(
+        f"cache workload: {len(sequence)} requests, {repeats / len(sequence):.0%} repeats "
+        f"({len(set(sequence))} distinct texts, Zipf 1.1), concurrency {concurrency}",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        redis = RedisServer(free_port(), Path(workdir))
+        redis.start()
+        try:
+            pairs = _interleaved(bundle, port, sequence, concurrency, "L1", ())
+            pairs += _interleaved(
+                bundle, port, sequence, concurrency, "L1+L2", ("--cache-redis-url", redis.url), redis
+            )
+            hits = _hit_latencies(bundle, port, sequence, redis)
+        finally:
+            redis.stop()
+
+    print("\n| setup | runs | requests each | errors | req/s | p50 ms | p99 ms | / cache off (same server) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for setup, off, cached in pairs:
+        for name, runs in ((f"{setup}: cache off", off), (setup, cached)):
+            print(
+                f"| {name} | {len(runs)} | {runs[0].requests} | {sum(r.errors for r in runs)} "
+                f"| {_mean(r.rps for r in runs)} | {_mean(r.p50_ms for r in runs)} "
+                f"| {_mean(r.p99_ms for r in runs)} "
+                f"| {_mean(r.rps for r in runs) / _mean(r.rps for r in off):.2f}x |"
+            )
+    print("\n| end to end over HTTP, concurrency 1 | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    for name, (p50, p99) in hits.items():
+        print(f"| {name} | {p50} | {p99} |")
+    return 0
+
+
+def _mean(values: object) -> float:
+    return round(statistics.fmean(values), 1)  # type: ignore[arg-type]
+
+
+def _interleaved(
+    bundle: Path,
+    port: int,
+    sequence: list[str],
+    concurrency: int,
+    setup: str,
+    flags: tuple[str, ...],
+    redis: RedisServer | None = None,
+) -> list[tuple[str, list[CacheRun], list[CacheRun]]]:
+    process = start_server(bundle, port, ("--no-coalesce", "--admin-api", *flags))
+    flush = f"http://127.0.0.1:{port}/admin/cache/flush"
+    try:
+        asyncio.run(play(port, [f"warm-up text {i}" for i in range(64)], 4, "warm", NO_STORE))
+        off: list[CacheRun] = []
+        cached: list[CacheRun] = []
+        for _ in range(ROUNDS):
+            off.append(_report(asyncio.run(play(port, sequence, concurrency, "off", NO_STORE))))
+            httpx.post(flush).raise_for_status()
+            cached.append(_report(asyncio.run(play(port, sequence, concurrency, setup))))
+        pairs = [(setup, off, cached)]
+        if redis is not None:
+            httpx.post(flush).raise_for_status()
+            progress = [0]
+            chaos = _kill_redis_midway(redis, progress, len(sequence))
+            killed = asyncio.run(play(port, sequence, concurrency, "Redis killed", None, progress))
+            chaos.join()
+            pairs.append((f"{setup}, Redis killed midway", off, [_report(killed)]))
+        return pairs
+    finally:
+        stop_server(process)
+
+
+def _report(result: CacheRun) -> CacheRun:
+    print(f"  {result.setup:14} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
+          f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}", flush=True)  # fmt: skip
+    return result
+
+
+def _kill_redis_midway(redis: RedisServer, progress: list[int], requests: int) -> threading.Thread:
+    """Kill Redis a third of the way through the requests and bring it back, empty, at two
+    thirds; from a thread, so the load never pauses."""
+
+    def wait_for(share: float) -> None:
+        while progress[0] < requests * share:
+            time.sleep(0.01)
+
+    def chaos() -> None:
+        wait_for(1 / 3)
+        redis.stop()
+        wait_for(2 / 3)
+        redis.start()
+
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    return thread
+
+
+def _one_by_one(port: int, texts: list[str]) -> tuple[float, float]:
+    """p50 and p99 in ms of `texts` sent one at a time."""
+    result = asyncio.run(play(port, texts, 1, "latency"))
+    return result.p50_ms, result.p99_ms
+
+
+def _hit_latencies(
+    bundle: Path, port: int, sequence: list[str], redis: RedisServer
+) -> dict[str, tuple[float, float]]:
+    redis_flags = ("--cache-redis-url", redis.url)
+    cached = list(dict.fromkeys(sequence))[:300]
+    misses = [f"{text} (never seen before)" for text in cached[:100]]
+    first = start_server(bundle, port, redis_flags)
+    try:
+        _one_by_one(port, cached)  # computed here, written to both tiers
+        time.sleep(0.5)
+        hits = {"L1 hit": _one_by_one(port, cached)}
+    finally:
+        stop_server(first)
+    second_port = free_port()
+    second = start_server(bundle, second_port, redis_flags)  # another replica, its L1 empty
+    try:
+        hits["L2 hit (another replica)"] = _one_by_one(second_port, cached)
+        hits["miss (computed)"] = _one_by_one(second_port, misses)
+    finally:
+        stop_server(second)
+    return hits
