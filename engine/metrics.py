@@ -13,6 +13,8 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Finer near the 85% alert threshold (deploy/prometheus/rules/sparsebert.yml).
+SPARSITY_BUCKETS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 ERROR_BUCKETS = (-1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
@@ -46,6 +48,12 @@ class EngineMetrics:
             "latency_prediction_error_ratio",
             "(predicted - measured) / measured batch time of the latency model.",
             ERROR_BUCKETS,
+        )
+        self.attention_sparsity = histogram(
+            "attention_sparsity_ratio",
+            "1 - attended pairs / n^2 of each encoded input's attention, by model (bundle).",
+            SPARSITY_BUCKETS,
+            ("model",),
         )
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Inputs waiting in the queue.", registry=registry)
         self.queue_tokens = Gauge(f"{PREFIX}_queue_tokens", "Tokens waiting in the queue.", registry=registry)

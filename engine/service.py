@@ -11,6 +11,7 @@ from typing import Generic
 
 import numpy as np
 
+from engine.attention import sparsity_ratio
 from engine.batcher import Batcher, EncodedInput
 from engine.bundle import Bundle, TaskKind
 from engine.cache import codec
@@ -50,6 +51,7 @@ class _Encoded:
     tokens: TokenizedText
     states: np.ndarray  # [tokens, hidden]
     pooled: np.ndarray  # [hidden], their mean
+    logits: dict[str, np.ndarray]  # per classification task, when computed with the batch
 
     @property
     def usage(self) -> Usage:
@@ -127,6 +129,10 @@ class Service:
                 self.classifiers[name] = Classifier(head, spec.labels)
             else:
                 self.token_classifiers[name] = TokenClassifier(head, spec.labels)
+        batcher.set_pooled_heads(self._classification_logits)
+
+    def _classification_logits(self, pooled: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: classifier.head.logits(pooled) for name, classifier in self.classifiers.items()}
 
     async def start(self) -> None:
         """Warm every runtime over the batch shapes, off the loop; then become ready."""
@@ -164,7 +170,9 @@ class Service:
             raise ValidationError(f"top_k must be between 1 and {len(classifier.labels)}")
 
         def head(_text: str, item: _Encoded) -> ClassifyResult:
-            labels = classifier.top_k(item.pooled, request.top_k, raw=request.raw_scores)
+            labels = classifier.top_k(
+                item.pooled, request.top_k, raw=request.raw_scores, logits=item.logits.get(task)
+            )
             return ClassifyResult(labels, item.usage)
 
         scope = f"{task}:k{request.top_k}:raw{request.raw_scores:d}:trunc{request.truncate:d}"
@@ -298,15 +306,19 @@ class Service:
                 for future in waiting.values():
                     future.cancel()  # a no-op for finished ones; frees queue slots for the rest
             computed = dict(zip(waiting, outputs, strict=True))
+            sparsity = self.metrics.attention_sparsity.labels(self.bundle.manifest.name)
+            for index in computed:
+                sparsity.observe(sparsity_ratio(self.bundle.manifest.attention, tokens[index].length))
         else:
             computed = {}
         items = []
         for index, (tok, found) in enumerate(zip(tokens, states, strict=True)):
             if index in computed:
-                items.append(_Encoded(tok, computed[index].states, computed[index].pooled))
+                output = computed[index]
+                items.append(_Encoded(tok, output.states, output.pooled, output.logits))
             else:
                 assert found is not None  # every input was found in the cache or computed
-                items.append(_Encoded(tok, found, mean_pool(found)))
+                items.append(_Encoded(tok, found, mean_pool(found), {}))
         return _EncodedRequest(
             items=items,
             tokenize_s=tokenize_s,
@@ -364,7 +376,7 @@ class Service:
         return lambda deadline: self.batcher.extend_deadline(work, deadline)
 
     def _store_states(self, pool: CachePool, key: str) -> Callable[[asyncio.Future[EncodedInput]], None]:
-        """Cache the states once computed. The float16 conversion runs on a worker thread: on the
+        """Cache the states once computed. The bfloat16 conversion runs on a worker thread: on the
         event loop it was the largest single cost of a cached server under load (12% of the loop)."""
 
         def stored(encoding: asyncio.Future[bytes]) -> None:

@@ -1,4 +1,4 @@
-"""The cache's binary format: round trips, refusal of anything else, and what float16 states
+"""The cache's binary format: round trips, refusal of anything else, and what bfloat16 states
 cost in accuracy on the real bundle."""
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def test_anything_but_this_format_is_refused() -> None:
             codec.decode_states(bad)
 
 
-def test_float16_states_keep_every_label_on_real_text(bundle_dir: Path) -> None:
-    """The accuracy cost of storing states as float16 (printed with -s; quoted in the README)."""
+def test_bfloat16_states_keep_every_label_on_real_text(bundle_dir: Path) -> None:
+    """The accuracy cost of storing states as bfloat16 (printed with -s; quoted in the README)."""
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     tokenizer = TextTokenizer(bundle.path(manifest.tokenizer), manifest.max_length)
@@ -75,9 +75,9 @@ def test_float16_states_keep_every_label_on_real_text(bundle_dir: Path) -> None:
         changed_tokens += int((exact_tags != cached_tags).sum())
         tokens_total += len(exact_tags)
     print(
-        f"\nfloat16 states on {len(texts)} texts: sentiment labels changed {changed_labels}, "
+        f"\nbfloat16 states on {len(texts)} texts: sentiment labels changed {changed_labels}, "
         f"max probability shift {prob_shift:.2e}; NER tags changed {changed_tokens}/{tokens_total}"
     )
     assert changed_labels == 0
-    assert prob_shift < 2e-3
+    assert prob_shift < 5e-3
     assert changed_tokens <= tokens_total // 1000

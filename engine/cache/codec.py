@@ -3,8 +3,11 @@ a cache is ever unpickled or evaluated; a value that does not decode is a miss.
 
     magic b"SBC" | format version (1 byte) | kind (1 byte) | payload
 
-States travel as float16 rows (half the bytes of float32; the argmax of every head is unchanged
-on the test sets, see tests/test_cache_codec.py); results as orjson, checked field by field.
+States travel as bfloat16 rows (the top 16 bits of each float32, rounded to nearest even): half
+the bytes of float32, and 3-5x cheaper to convert than float16, whose numpy cast is a scalar
+software loop here (a 72-token text: 27 vs 87 us to encode, ~8 vs 45 us to decode, on the event
+loop). What that costs in accuracy is measured in tests/test_cache_codec.py. Results travel as
+orjson, checked field by field.
 """
 
 from __future__ import annotations
@@ -48,9 +51,19 @@ def _payload(value: bytes, kind: int) -> memoryview:
     return memoryview(value)[_HEADER.size :]
 
 
+def to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even."""
+    bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+
+
+def from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
 def encode_states(states: np.ndarray) -> bytes:
     rows, columns = states.shape
-    return _header(KIND_STATES) + _SHAPE.pack(rows, columns) + states.astype("<f2").tobytes()
+    return _header(KIND_STATES) + _SHAPE.pack(rows, columns) + to_bfloat16(states).tobytes()
 
 
 def decode_states(value: bytes) -> np.ndarray:
@@ -62,8 +75,8 @@ def decode_states(value: bytes) -> np.ndarray:
         raise DecodeError(f"states of shape {rows}x{columns}")
     body = payload[_SHAPE.size :]
     if len(body) != rows * columns * 2:
-        raise DecodeError(f"{len(body)} bytes for {rows}x{columns} float16 states")
-    states = np.frombuffer(body, dtype="<f2").reshape(rows, columns).astype(np.float32)
+        raise DecodeError(f"{len(body)} bytes for {rows}x{columns} bfloat16 states")
+    states = from_bfloat16(np.frombuffer(body, dtype="<u2").reshape(rows, columns))
     if not np.isfinite(states).all():
         raise DecodeError("states hold non-finite values")
     return states

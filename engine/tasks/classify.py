@@ -16,9 +16,13 @@ class LabelScore:
 
 
 class Classifier(LabelledHead):
-    def top_k(self, pooled: np.ndarray, k: int, *, raw: bool = False) -> list[LabelScore]:
-        """The k best labels of a text's mean-pooled [hidden] states: probabilities, or logits if raw."""
-        logits = self.head.logits(pooled[None, :])[0]
+    def top_k(
+        self, pooled: np.ndarray, k: int, *, raw: bool = False, logits: np.ndarray | None = None
+    ) -> list[LabelScore]:
+        """The k best labels of a text's mean-pooled [hidden] states: probabilities, or logits if
+        raw. `logits`: this head's output, when already computed with its batch."""
+        if logits is None:
+            logits = self.head.logits(pooled[None, :])[0]
         scores = logits if raw else softmax(logits)
         order = np.argsort(-scores)[:k]
         return [LabelScore(self.labels[i], float(scores[i])) for i in order]
