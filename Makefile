@@ -58,21 +58,9 @@ bench: $(STAMP) bundle
 	$(BIN)/sparsebert bench
 
 ## loadtest: Locust, headless, against a local server on the default bundle; ends with an SLO check
-LOADTEST_USERS ?= 16
-LOADTEST_SECONDS ?= 30
-LOADTEST_PORT ?= 8799
-LOADTEST_OUT := bench-results/locust
 loadtest: $(STAMP) bundle
 	$(BIN)/pip install -q -e '.[loadtest]'
-	mkdir -p $(LOADTEST_OUT)
-	$(BIN)/sparsebert serve --port $(LOADTEST_PORT) --log-level warning & echo $$! > $(LOADTEST_OUT)/server.pid; \
-	trap 'kill $$(cat $(LOADTEST_OUT)/server.pid)' EXIT; \
-	for i in $$(seq 120); do curl -sf localhost:$(LOADTEST_PORT)/health/ready >/dev/null && break; sleep 1; done; \
-	/usr/bin/time -f "locust: %U s user + %S s system CPU over %e s" \
-	  $(BIN)/locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:$(LOADTEST_PORT) \
-	  -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_SECONDS)s --only-summary \
-	  --csv $(LOADTEST_OUT)/run --json-file $(LOADTEST_OUT)/run --exit-code-on-error 0; \
-	$(BIN)/python -m loadtest.slo_check $(LOADTEST_OUT)/run --p99-ms 500 --max-error-rate 0.01 --min-rps 50
+	$(BIN)/python -m loadtest.locust_run --users 16 --seconds 30
 
 ## train: rebuild the default bundle from scratch (pinned packages, seed 0)
 train: $(STAMP)
