@@ -8,6 +8,7 @@ has its own thread (ONNX Runtime releases the GIL while it computes) and an inbo
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -18,13 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.cost_model import LatencyModel
-from engine.errors import DeadlineExceeded
+from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import Batch, BatchLimits, BatchQueue, QueuedItem
 from engine.runtime.affinity import pin_current_thread
 from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.tasks.heads import masked_mean
 
+log = logging.getLogger(__name__)
 # Batches formed ahead per runtime, beyond the one it computes. Measured through the engine on
 # the benchmark workload: prefetching one batch cost ~15% throughput and ~25% p99 at
 # concurrency 8 (a batch formed early is smaller, and commits its inputs to one runtime while the
@@ -79,6 +81,8 @@ class _Worker:
     inbox: queue.SimpleQueue[Batch[EncodeJob] | None] = field(default_factory=queue.SimpleQueue)
     assigned: int = 0  # batches handed over and not yet completed (touched on the loop only)
     thread: threading.Thread | None = None
+    running: Batch[EncodeJob] | None = None  # set by its thread while it computes (read by the watchdog)
+    running_since: float = 0.0
 
 
 class Batcher:
@@ -91,9 +95,16 @@ class Batcher:
         *,
         cpus: list[int] | None = None,
         wide: EncoderRuntime | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        hang_timeout_s: float = 60.0,
+        fatal_after_failures: int = 3,
     ) -> None:
         """`cpus`: pin runtime thread i to cpus[i] (see engine/runtime/affinity.py).
-        `wide`: a runtime using every core, for a lone batch on an idle machine."""
+        `wide`: a runtime using every core, for a lone batch on an idle machine.
+        `on_fatal(reason)`: called once when a runtime is dead (`fatal_after_failures` batches in
+        a row raised) or hung (one batch ran past `hang_timeout_s`, or 20x its predicted time if
+        longer): every waiting input then fails at once with NotReady, and so does every later
+        submission, so no request hangs; the process should exit for its orchestrator to restart it."""
         if not runtimes:
             raise ValueError("the batcher needs at least one runtime")
         self.latency = latency or LatencyModel()
@@ -104,9 +115,14 @@ class Batcher:
         self._wide = _Worker(wide) if wide is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
-        self.failure: BaseException | None = None
         self._queued: dict[asyncio.Future[EncodedInput], QueuedItem[EncodeJob]] = {}
         self._pooled_heads: PooledHeads | None = None
+        self._on_fatal = on_fatal
+        self._hang_timeout_s = hang_timeout_s
+        self._fatal_after_failures = fatal_after_failures
+        self._failures_in_a_row = 0
+        self._watchdog: asyncio.Task[None] | None = None
+        self.fatal: str | None = None  # why the runtimes can no longer serve, once they cannot
 
     def set_pooled_heads(self, heads: PooledHeads) -> None:
         """Heads to run on each batch's pooled states (the service installs its classifiers)."""
@@ -124,7 +140,10 @@ class Batcher:
         return self.queue.drain_estimate_s(len(self._workers))
 
     def submit(self, ids: np.ndarray, deadline: float) -> asyncio.Future[EncodedInput]:
-        """Queue one tokenized input; raises Overloaded if the queue is full."""
+        """Queue one tokenized input; raises Overloaded if the queue is full, NotReady once the
+        runtimes have failed."""
+        if self.fatal is not None:
+            raise NotReady(f"the encoder runtime failed ({self.fatal}); retry on another replica")
         loop = self._started_loop()
         future: asyncio.Future[EncodedInput] = loop.create_future()
         item = QueuedItem(
@@ -148,7 +167,42 @@ class Batcher:
                     target=self._work, args=(worker,), name=f"runtime-{index}", daemon=True
                 )
                 worker.thread.start()
+            self._watchdog = self._loop.create_task(self._watch(), name="runtime-watchdog")
         return self._loop
+
+    async def _watch(self) -> None:
+        """Declare a runtime hung when one batch runs far past what it should take."""
+        while self.fatal is None:
+            await asyncio.sleep(min(1.0, self._hang_timeout_s / 4))
+            now = time.monotonic()
+            for worker in self._all_workers:
+                batch = worker.running
+                if batch is None:
+                    continue
+                limit = max(self._hang_timeout_s, 20 * batch.predicted_s)
+                running_s = now - worker.running_since
+                if running_s > limit:
+                    self._declare_fatal(
+                        f"runtime {worker.runtime.name} has run one batch for {running_s:.0f} s"
+                    )
+                    self._fail(batch.items, NotReady(f"the encoder runtime hung: {self.fatal}"))
+
+    def _declare_fatal(self, reason: str) -> None:
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        log.error("the encoder runtimes cannot serve: %s", reason)
+        error = NotReady(f"the encoder runtime failed ({reason}); retry on another replica")
+        self._fail(self.queue.drain(), error)
+        self._update_gauges()
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    @staticmethod
+    def _fail(items: list[QueuedItem[EncodeJob]], error: BaseException) -> None:
+        for item in items:
+            if not item.payload.future.done():
+                item.payload.future.set_exception(error)
 
     def extend_deadline(self, future: asyncio.Future[EncodedInput], deadline: float) -> None:
         """Push back the deadline of a submitted input that has not run yet."""
@@ -226,6 +280,7 @@ class Batcher:
             outcome: _BatchOutput | BaseException | None = None
             if live:
                 max_len = max(item.length for item in live)
+                worker.running_since, worker.running = time.monotonic(), batch
                 try:
                     states, seconds = _encode(worker.runtime, [item.payload.ids for item in live], max_len)
                     pooled = masked_mean(states, [item.length for item in live])
@@ -233,6 +288,7 @@ class Batcher:
                     outcome = _BatchOutput(states, pooled, logits, seconds, now)
                 except Exception as exc:  # handed to the loop, which fails the batch
                     outcome = exc
+                worker.running = None
             self._loop.call_soon_threadsafe(self._complete, worker, live, expired, outcome)
 
     def _complete(
@@ -245,11 +301,13 @@ class Batcher:
         worker.assigned -= 1
         self._fail_expired(expired)
         if isinstance(outcome, BaseException):
-            self.failure = outcome
-            for item in items:
-                if not item.payload.future.done():
-                    item.payload.future.set_exception(outcome)
+            self._failures_in_a_row += 1
+            log.error("runtime %s failed a batch of %d: %r", worker.runtime.name, len(items), outcome)
+            self._fail(items, outcome)
+            if self._failures_in_a_row >= self._fatal_after_failures:
+                self._declare_fatal(f"{self._failures_in_a_row} batches in a row failed: {outcome!r}")
         elif outcome is not None:
+            self._failures_in_a_row = 0
             states, seconds, started = outcome.states, outcome.seconds, outcome.started
             self.metrics.inference_seconds.observe(seconds)
             if worker is not self._wide:  # the model is of the single-thread runtimes
@@ -304,15 +362,19 @@ class Batcher:
                 self.latency.observe(size, max_len, seconds)
         self.latency.refit()
 
-    async def close(self) -> None:
-        """Stop the worker threads after the batches they hold."""
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker threads after the batches they hold (a hung one is left behind: the
+        threads are daemons, and the process is on its way out)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for worker in self._all_workers:
             worker.inbox.put(None)
         threads = [worker.thread for worker in self._all_workers if worker.thread is not None]
 
         def join_all() -> None:
+            deadline = time.monotonic() + timeout_s
             for thread in threads:
-                thread.join()
+                thread.join(timeout=max(deadline - time.monotonic(), 0.0))
 
         await asyncio.get_running_loop().run_in_executor(None, join_all)
 

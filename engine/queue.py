@@ -102,6 +102,12 @@ class BatchQueue(Generic[T]):
         self._queued_tokens -= item.length
         return True
 
+    def drain(self) -> list[QueuedItem[T]]:
+        """Remove and return every waiting entry (the runtimes failed: they are failed at once)."""
+        items, self._items = self._items, []
+        self._queued_tokens = 0
+        return items
+
     def drain_estimate_s(self, runtimes: int = 1) -> float:
         return self.latency.seconds_per_token() * self._queued_tokens / max(runtimes, 1)
 

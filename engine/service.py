@@ -251,9 +251,17 @@ class Service:
         hits = len(texts) - len(missing) + encoded.cache_hits
         return Served([r for r in results if r is not None], encoded.timings(started), hits)
 
-    def _validate(self, texts: Sequence[str]) -> None:
+    def unready_reason(self) -> str | None:
+        """Why this service cannot take new work now, or None."""
+        if self.batcher.fatal is not None:
+            return f"the encoder runtime failed: {self.batcher.fatal}"
         if not self.ready:
-            raise NotReady("the server is warming up")
+            return "the server is warming up"
+        return None
+
+    def _validate(self, texts: Sequence[str]) -> None:
+        if (reason := self.unready_reason()) is not None:
+            raise NotReady(reason)
         if not texts:
             raise ValidationError("inputs must hold at least one text")
         if len(texts) > self.limits.max_inputs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -73,7 +73,11 @@ def build_cache(settings: Settings, bundle: Bundle, metrics: CacheMetrics) -> Ca
 
 
 def build_service(
-    settings: Settings, bundle: Bundle, metrics: EngineMetrics, cache: CachePool | None = None
+    settings: Settings,
+    bundle: Bundle,
+    metrics: EngineMetrics,
+    cache: CachePool | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> Service:
     manifest = bundle.manifest
     if settings.max_batch_tokens < manifest.max_length:
@@ -104,6 +108,8 @@ def build_service(
             metrics,
             cpus=runtime_cpus(settings.pin_runtime_threads, settings.runtimes, settings.intra_op_threads),
             wide=_wide_runtime(settings, bundle.path(encoder.file)),
+            on_fatal=on_fatal,
+            hang_timeout_s=settings.runtime_hang_timeout_s,
         ),
         metrics=metrics,
         limits=ServiceLimits(
@@ -139,8 +145,13 @@ def _wide_runtime(settings: Settings, model: Path) -> EncoderRuntime | None:
     return OnnxEncoderRuntime(model, intra_op_threads=cores, name="wide")
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
-    """`bundle`: one already loaded and verified (the CLI checks it before it binds the port)."""
+def create_app(
+    settings: Settings | None = None,
+    bundle: Bundle | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """`bundle`: one already loaded and verified (the CLI checks it before it binds the port).
+    `on_fatal(reason)`: called once if the encoder runtimes die or hang (the CLI then exits 3)."""
     settings = settings or Settings()
     # The *_created series would double every family and say nothing useful here.
     disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -157,7 +168,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
             )
         cache = build_cache(settings, loaded, CacheMetrics(registry))
         service = await loop.run_in_executor(
-            None, build_service, settings, loaded, EngineMetrics(registry), cache
+            None, build_service, settings, loaded, EngineMetrics(registry), cache, on_fatal
         )
         http_metrics.build.info(
             {
@@ -189,6 +200,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.draining = False  # set on SIGTERM (server/lifecycle.py): readiness turns false at once
     install_error_handlers(app)
     app.include_router(router)
     if settings.admin_api:

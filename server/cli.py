@@ -36,21 +36,12 @@ def serve(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
-    from server.app import create_app
+    from server.lifecycle import run
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings, bundle),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
+    return run(settings, bundle)
 
 
 def build(argv: list[str]) -> int:

@@ -53,8 +53,10 @@ def _json(payload: Any, served: Served[Any] | None = None) -> Response:
 
 def _service(request: Request) -> Service:
     service: Service | None = getattr(request.app.state, "service", None)
-    if service is None or not service.ready:
-        raise NotReady("the model is loading or warming up")
+    if service is None:
+        raise NotReady("the model is loading")
+    if (reason := service.unready_reason()) is not None:
+        raise NotReady(reason)
     return service
 
 
@@ -244,10 +246,16 @@ async def live() -> Response:
 
 @router.get("/health/ready", tags=["meta"], responses={503: ERRORS[503]})
 async def ready(request: Request) -> Response:
-    try:
-        _service(request)
-    except NotReady as error:
-        return error_response(error.kind, error.message)
+    """200 once warmed up; 503 while loading, after SIGTERM (draining) or when a runtime failed."""
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None:
+        reason: str | None = "the model is loading"
+    elif request.app.state.draining:
+        reason = "shutting down: finishing accepted requests"
+    else:
+        reason = service.unready_reason()
+    if reason is not None:
+        return error_response(NotReady.kind, reason)
     return _json({"status": "ready"})
 
 

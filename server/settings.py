@@ -61,6 +61,16 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request without an X-Request-Timeout header."
     )
+    runtime_hang_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A batch running longer than this (or 20x its predicted time) means a hung "
+        "runtime: the server fails what waits, turns unready and exits with status 3 (for its "
+        "orchestrator to restart it).",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long accepted requests may take to finish before exit."
+    )
     cache: bool = Field(
         True, description="Cache results and encoder states (in process; in Redis too with a Redis URL)."
     )

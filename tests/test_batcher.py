@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from engine.batcher import Batcher
-from engine.errors import DeadlineExceeded
+from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
 
@@ -115,12 +115,47 @@ def test_inputs_past_their_deadline_fail_without_compute() -> None:
     asyncio.run(scenario())
 
 
-def test_a_runtime_failure_fails_its_batch_and_is_kept() -> None:
+def test_a_runtime_that_keeps_failing_is_declared_dead_and_nothing_waits_on_it() -> None:
     async def scenario() -> None:
-        batcher = make_batcher(FakeRuntime(fail=True))
-        with pytest.raises(RuntimeError, match="on fire"):
-            await batcher.submit(ids(1, 4), time.monotonic() + 10)
-        assert isinstance(batcher.failure, RuntimeError)
+        reasons: list[str] = []
+        runtime = FakeRuntime(fail=True)
+        batcher = Batcher(
+            [runtime], BatchLimits(), EngineMetrics(CollectorRegistry()), on_fatal=reasons.append,
+            fatal_after_failures=3,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        for attempt in range(3):
+            with pytest.raises(RuntimeError, match="on fire"):
+                await batcher.submit(ids(attempt + 1, 4), deadline)
+            assert (batcher.fatal is None) == (attempt < 2)
+        assert len(reasons) == 1 and "3 batches in a row failed" in reasons[0]
+        with pytest.raises(NotReady):
+            batcher.submit(ids(9, 4), deadline)
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_hung_runtime_fails_its_batch_and_the_queue_instead_of_hanging_them() -> None:
+    async def scenario() -> None:
+        reasons: list[str] = []
+        runtime = FakeRuntime()
+        runtime.gate.clear()  # the runtime blocks inside encode()
+        batcher = Batcher(
+            [runtime], BatchLimits(), EngineMetrics(CollectorRegistry()), on_fatal=reasons.append,
+            hang_timeout_s=0.4,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        running = batcher.submit(ids(1, 4), deadline)
+        await asyncio.sleep(0.05)
+        queued = batcher.submit(ids(2, 4), deadline)
+        started = time.monotonic()
+        for future in (running, queued):
+            with pytest.raises(NotReady):
+                await asyncio.wait_for(future, timeout=5)
+        assert time.monotonic() - started < 2.0
+        assert len(reasons) == 1 and "has run one batch" in reasons[0]
+        runtime.gate.set()
         await batcher.close()
 
     asyncio.run(scenario())
