@@ -12,6 +12,7 @@ class ErrorKind(StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"
     OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limited"
     NOT_READY = "not_ready"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,10 +36,11 @@ from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.service import Service, ServiceLimits
 from engine.tokenization import TextTokenizer
+from server.access import AccessMiddleware, KeyRing, RateLimits
 from server.errors import install_error_handlers
 from server.metrics import HttpMetrics
 from server.middleware import BodyLimitMiddleware, CancelOnDisconnectMiddleware, RequestMetricsMiddleware
-from server.routes import admin_router, router
+from server.routes import TIMING_HEADERS, admin_router, router
 from server.settings import Settings
 
 log = logging.getLogger("sparsebert")
@@ -210,9 +212,29 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Outermost last: CORS answers preflights before auth; metrics see every answer, 401s too.
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
+        AccessMiddleware,
+        keys=KeyRing.load(settings.api_keys, settings.api_keys_file),
+        limits=RateLimits(
+            settings.rate_limit_rps,
+            settings.rate_limit_burst,
+            settings.rate_limit_tokens_per_s,
+            settings.rate_limit_token_burst,
+        ),
+        public_paths=(*settings.public_paths, DOCS_ASSETS),
+    )
+    app.add_middleware(
         RequestMetricsMiddleware, duration=http_metrics.request_seconds, in_flight=http_metrics.in_flight
     )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Cache-Control", "X-Request-Timeout"],
+            expose_headers=[*TIMING_HEADERS, "x-cache-hits", "Retry-After"],
+        )
     return app

@@ -11,11 +11,12 @@ from engine.bundle import load_bundle
 from engine.errors import BundleError
 from server.settings import DEFAULT_BUNDLE, Settings
 
-USAGE = """usage: sparsebert {serve,build,bench} [options]
+USAGE = """usage: sparsebert {serve,build,bench,hash-key} [options]
 
-  serve   run the HTTP server (sparsebert serve --help lists every flag and env var)
-  build   build the default model bundle from packaged weights and data
-  bench   benchmark the server against a naive baseline and the raw engine
+  serve      run the HTTP server (sparsebert serve --help lists every flag and env var)
+  build      build the default model bundle from packaged weights and data
+  bench      benchmark batching (server, naive, raw engine) and the cache pool
+  hash-key   print the `name:sha256` entry of an API key read from stdin, for --api-keys
 """
 
 
@@ -76,9 +77,24 @@ def bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def hash_key(argv: list[str]) -> int:
+    from server.access import hash_key as digest
+
+    parser = argparse.ArgumentParser(prog="sparsebert hash-key", description="Hash an API key (from stdin).")
+    parser.add_argument("name", help="the key's name (it labels the caller in rate limits and logs)")
+    parser.add_argument("--admin", action="store_true", help="the key may use the admin routes")
+    args = parser.parse_args(argv)
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key on stdin", file=sys.stderr)
+        return 2
+    print(f"{args.name}:{digest(key)}{':admin' if args.admin else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "build": build, "bench": bench}
+    commands = {"serve": serve, "build": build, "bench": bench, "hash-key": hash_key}
     if not args or args[0] not in commands:
         print(USAGE, file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
         return 0 if args and args[0] in ("-h", "--help") else 2

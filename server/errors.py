@@ -23,6 +23,7 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.UNAUTHENTICATED: 401,
     ErrorKind.FORBIDDEN: 403,
     ErrorKind.OVERLOADED: 429,
+    ErrorKind.RATE_LIMITED: 429,
     ErrorKind.NOT_READY: 503,
     ErrorKind.DEADLINE_EXCEEDED: 504,
     ErrorKind.CANCELLED: 499,

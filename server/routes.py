@@ -31,10 +31,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _json(payload: Any, served: Served[Any] | None = None) -> Response:
+TIMING_HEADERS = ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time")
+
+
+def _json(payload: Any, served: Served[Any] | None = None, request: Request | None = None) -> Response:
     """JSON body; for a served request text-embeddings-inference's x-*-time headers (milliseconds)
-    and x-cache-hits (how many of its inputs came from the cache)."""
+    and x-cache-hits (how many of its inputs came from the cache). With `request`, the model tokens
+    used are recorded for the caller's token rate limit (server/access.py)."""
     headers = None
+    if served is not None and request is not None:
+        request.state.tokens_used = sum(r.usage.tokens for r in served.results)
     if served is not None:
         timings = served.timings
         headers = {
@@ -137,6 +143,7 @@ async def classify(
             ],
         },
         served,
+        request,
     )
 
 
@@ -167,6 +174,7 @@ async def ner(
             ],
         },
         served,
+        request,
     )
 
 
@@ -192,7 +200,7 @@ async def predict(
         )
     )
     scored = [[{"score": ls.score, "label": ls.label} for ls in r.labels] for r in served.results]
-    return _json(scored[0] if isinstance(body.inputs, str) else scored, served)
+    return _json(scored[0] if isinstance(body.inputs, str) else scored, served, request)
 
 
 @router.post("/embed", responses=ERRORS, tags=["text-embeddings-inference"])
@@ -213,7 +221,7 @@ async def embed(
             cache=_use_cache(True, cache_control),
         )
     )
-    return _json([r.embedding for r in served.results], served)
+    return _json([r.embedding for r in served.results], served, request)
 
 
 @router.get("/v1/models", response_model=schemas.ModelList, tags=["meta"])

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.runtime.affinity import PinMode
+from server.access import DEFAULT_PUBLIC_PATHS
 
 DEFAULT_BUNDLE = Path("bundles/minilm-multitask")
 
@@ -97,6 +98,24 @@ class Settings(BaseSettings):
     admin_api: bool = Field(
         False, description="Serve the admin routes (POST /admin/cache/flush). Keep them off the public port."
     )
+    api_keys: list[str] = Field(
+        [],
+        description="API keys as `name:sha256hex` (append `:admin` for the admin routes); "
+        "`sparsebert hash-key` prints the hash of a key. With none (and no file) the server is open.",
+    )
+    api_keys_file: Path | None = Field(None, description="A file of API key entries, one per line.")
+    public_paths: list[str] = Field(
+        list(DEFAULT_PUBLIC_PATHS), description="Paths that need no API key and are not rate limited."
+    )
+    rate_limit_rps: float | None = Field(
+        None, gt=0, description="Requests per second per caller (API key, or client address); beyond: 429."
+    )
+    rate_limit_burst: float = Field(20.0, ge=1, description="Requests a caller may send at once.")
+    rate_limit_tokens_per_s: float | None = Field(
+        None, gt=0, description="Model tokens per second per caller; beyond: 429 until the debt is repaid."
+    )
+    rate_limit_token_burst: float = Field(20_000.0, ge=1, description="Tokens a caller may use at once.")
+    cors_origins: list[str] = Field([], description="Origins allowed by CORS (none: CORS off).")
     log_level: str = Field("info", description="uvicorn log level.")
 
     @model_validator(mode="after")
