@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUNDLE := bundles/minilm-multitask
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps bundle serve test lint types check format bench loadtest train clean
+.PHONY: install system-deps bundle serve test lint types check format bench loadtest fuzz train clean
 
 $(STAMP): pyproject.toml requirements/data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: $(STAMP) bundle
 loadtest: $(STAMP) bundle
 	$(BIN)/pip install -q -e '.[loadtest]'
 	$(BIN)/python -m loadtest.locust_run --users 16 --seconds 30
+
+## fuzz: schemathesis with many more examples per route than CI runs, and the Unicode properties
+fuzz: $(STAMP) bundle
+	SPARSEBERT_FUZZ_EXAMPLES=1000 $(BIN)/pytest -q tests/test_fuzz.py tests/test_unicode_properties.py \
+	  --hypothesis-seed=0 -p no:cacheprovider
 
 ## train: rebuild the default bundle from scratch (pinned packages, seed 0)
 train: $(STAMP)

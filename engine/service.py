@@ -43,7 +43,6 @@ class ServiceLimits:
     max_inputs: int = 64
     max_input_chars: int = 100_000
     default_timeout_s: float = 30.0
-    max_top_k: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,16 +165,17 @@ class Service:
     async def classify(self, request: ClassifyRequest) -> Served[ClassifyResult]:
         task = self.task_name(request.task, "classification")
         classifier = self.classifiers[task]
-        if not 1 <= request.top_k <= min(self.limits.max_top_k, len(classifier.labels)):
-            raise ValidationError(f"top_k must be between 1 and {len(classifier.labels)}")
+        if request.top_k < 1:
+            raise ValidationError("top_k must be at least 1")
+        top_k = min(request.top_k, len(classifier.labels))  # as the HF pipeline: at most every label
 
         def head(_text: str, item: _Encoded) -> ClassifyResult:
             labels = classifier.top_k(
-                item.pooled, request.top_k, raw=request.raw_scores, logits=item.logits.get(task)
+                item.pooled, top_k, raw=request.raw_scores, logits=item.logits.get(task)
             )
             return ClassifyResult(labels, item.usage)
 
-        scope = f"{task}:k{request.top_k}:raw{request.raw_scores:d}:trunc{request.truncate:d}"
+        scope = f"{task}:k{top_k}:raw{request.raw_scores:d}:trunc{request.truncate:d}"
         return await self._serve(
             request.texts,
             _ResultCodec(scope, codec.encode_classify, lambda _text, value: codec.decode_classify(value)),
@@ -271,6 +271,13 @@ class Service:
         for index, text in enumerate(texts):
             if not text.strip():
                 raise ValidationError(f"input {index} is empty")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:  # JSON may carry lone surrogates ("\ud800")
+                    raise ValidationError(
+                        f"input {index} is not valid Unicode: a lone surrogate at character {error.start}"
+                    ) from None
             if len(text) > self.limits.max_input_chars:
                 raise PayloadTooLarge(
                     f"input {index} has {len(text)} characters; the limit is {self.limits.max_input_chars}"

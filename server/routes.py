@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import orjson
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
 from engine.bundle import TaskKind
-from engine.errors import NotReady, ValidationError
+from engine.errors import NotReady
 from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Served
 from engine.requests import Usage as EngineUsage
 from engine.service import Service
@@ -78,18 +77,6 @@ def _texts(inputs: str | list[str]) -> list[str]:
     return [inputs] if isinstance(inputs, str) else inputs
 
 
-def _timeout(header: str | None) -> float | None:
-    if header is None:
-        return None
-    try:
-        value = float(header)
-    except ValueError:
-        raise ValidationError(f"X-Request-Timeout must be a number of seconds, got {header!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValidationError("X-Request-Timeout must be a positive number of seconds")
-    return value
-
-
 def _usage(usage: EngineUsage) -> dict[str, int]:
     return {"tokens": usage.tokens, "truncated_tokens": usage.truncated_tokens}
 
@@ -102,7 +89,9 @@ def _entity(entity: Entity, per_token: bool) -> dict[str, Any]:
     return out
 
 
-TimeoutHeader = Header(None, alias="X-Request-Timeout", description="Deadline in seconds.")
+TimeoutHeader = Header(
+    None, alias="X-Request-Timeout", gt=0, allow_inf_nan=False, description="Deadline in seconds."
+)
 CacheControlHeader = Header(
     None, alias="Cache-Control", description="`no-cache` or `no-store`: compute afresh, store nothing."
 )
@@ -117,7 +106,7 @@ def _use_cache(body_flag: bool, cache_control: str | None) -> bool:
 async def classify(
     body: schemas.ClassifyBody,
     request: Request,
-    x_request_timeout: str | None = TimeoutHeader,
+    x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "classification")
@@ -127,7 +116,7 @@ async def classify(
             task,
             body.top_k,
             body.raw_scores,
-            timeout_s=_timeout(x_request_timeout),
+            timeout_s=x_request_timeout,
             cache=_use_cache(body.cache, cache_control),
         )
     )
@@ -151,7 +140,7 @@ async def classify(
 async def ner(
     body: schemas.NerBody,
     request: Request,
-    x_request_timeout: str | None = TimeoutHeader,
+    x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "token-classification")
@@ -160,7 +149,7 @@ async def ner(
             _texts(body.inputs),
             task,
             body.aggregation_strategy,
-            timeout_s=_timeout(x_request_timeout),
+            timeout_s=x_request_timeout,
             cache=_use_cache(body.cache, cache_control),
         )
     )
@@ -182,7 +171,7 @@ async def ner(
 async def predict(
     body: schemas.PredictBody,
     request: Request,
-    x_request_timeout: str | None = TimeoutHeader,
+    x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
 ) -> Response:
     """text-embeddings-inference's /predict: every label with its score, best first."""
@@ -195,7 +184,7 @@ async def predict(
             top_k=len(service.classifiers[task].labels),
             raw_scores=body.raw_scores,
             truncate=body.truncate,
-            timeout_s=_timeout(x_request_timeout),
+            timeout_s=x_request_timeout,
             cache=_use_cache(True, cache_control),
         )
     )
@@ -207,7 +196,7 @@ async def predict(
 async def embed(
     body: schemas.EmbedBody,
     request: Request,
-    x_request_timeout: str | None = TimeoutHeader,
+    x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
 ) -> Response:
     """text-embeddings-inference's /embed: mean-pooled sentence embeddings, one list per input."""
@@ -217,7 +206,7 @@ async def embed(
             _texts(body.inputs),
             body.normalize,
             body.truncate,
-            _timeout(x_request_timeout),
+            x_request_timeout,
             cache=_use_cache(True, cache_control),
         )
     )

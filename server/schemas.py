@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-Inputs = str | list[str]
+# A text with something in it: empty and blank texts are refused by the schema itself.
+Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+Inputs = Text | Annotated[list[Text], Field(min_length=1)]
 
 
 class ClassifyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: Inputs = Field(description="A text or a list of texts.", examples=["A gripping, beautiful film."])
     model: str | None = Field(None, description="A classification model of /v1/models; default: the first.")
-    top_k: int = Field(1, ge=1, description="How many labels to return per input, best first.")
+    top_k: int = Field(
+        1, ge=1, description="How many labels to return per input, best first (all of them, at most)."
+    )
     raw_scores: bool = Field(False, description="Return logits instead of probabilities.")
     cache: bool = Field(
         True, description="false: compute afresh and store nothing (as Cache-Control: no-cache)."
