@@ -21,7 +21,7 @@ import numpy as np
 from engine.cost_model import LatencyModel
 from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
-from engine.queue import Batch, BatchLimits, BatchQueue, QueuedItem
+from engine.queue import Batch, BatchLimits, BatchQueue, Priority, QueuedItem
 from engine.runtime.affinity import pin_current_thread
 from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.tasks.heads import masked_mean
@@ -139,7 +139,9 @@ class Batcher:
     def estimated_wait_s(self) -> float:
         return self.queue.drain_estimate_s(len(self._workers))
 
-    def submit(self, ids: np.ndarray, deadline: float) -> asyncio.Future[EncodedInput]:
+    def submit(
+        self, ids: np.ndarray, deadline: float, priority: Priority = "normal"
+    ) -> asyncio.Future[EncodedInput]:
         """Queue one tokenized input; raises Overloaded if the queue is full, NotReady once the
         runtimes have failed."""
         if self.fatal is not None:
@@ -151,6 +153,7 @@ class Batcher:
             enqueued_at=time.monotonic(),
             deadline=deadline,
             payload=EncodeJob(ids, future),
+            priority=priority,
         )
         self.queue.put(item)
         self._queued[future] = item

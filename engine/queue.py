@@ -3,7 +3,8 @@
 Batch formation, each time a runtime is free:
 1. drop entries that were cancelled or whose deadline has passed (they are never computed);
 2. anchor the batch on the oldest entry, so no input waits behind an endless stream of others
-   (a long input cannot starve);
+   (a long input cannot starve); with priorities, "oldest" is by age plus the priority's head
+   start (high: 0.25 s, low: -0.5 s), so low priority is delayed by at most that, never starved;
 3. choose its companions by the latency model: of all ways to cut the waiting inputs, sorted by
    length, into batches (a padded batch costs n x max_len, within the token budget and the size
    cap), take the one predicted to serve them all soonest; the next batch is the anchor's group.
@@ -12,7 +13,7 @@ Batch formation, each time a runtime is free:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from engine.cost_model import LatencyModel
 from engine.errors import Overloaded
@@ -20,6 +21,15 @@ from engine.errors import Overloaded
 T = TypeVar("T")
 # Batch formation looks at most this many waiting inputs (those nearest the oldest in length).
 LOOKAHEAD = 128
+
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+# Seconds of age an entry is credited with (aging: a low entry overtakes fresh normal ones once
+# it has waited 0.5 s longer), and the share of the queue bounds each priority may fill: normal
+# traffic gets the bounds as configured, low priority is refused once the queue is 60% full,
+# and high priority may go 10% past the bounds, so it finds room when normal traffic cannot.
+PRIORITY_HEAD_START_S: dict[Priority, float] = {"high": 0.25, "normal": 0.0, "low": -0.5}
+PRIORITY_QUEUE_SHARE: dict[Priority, float] = {"high": 1.1, "normal": 1.0, "low": 0.6}
 
 
 @dataclass(eq=False, slots=True)
@@ -29,6 +39,12 @@ class QueuedItem(Generic[T]):
     deadline: float
     payload: T
     cancelled: bool = False
+    priority: Priority = "normal"
+
+    @property
+    def rank(self) -> float:
+        """Smaller is served first: the arrival time less the priority's head start."""
+        return self.enqueued_at - PRIORITY_HEAD_START_S[self.priority]
 
 
 @dataclass(slots=True)
@@ -80,15 +96,17 @@ class BatchQueue(Generic[T]):
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    def has_room(self, items: int, tokens: int) -> bool:
-        """Whether `items` inputs of `tokens` tokens in all fit. The token cap never refuses
-        inputs into an empty queue, or a long one could never run."""
-        if len(self._items) + items > self.limits.max_queue_items:
+    def has_room(self, items: int, tokens: int, priority: Priority = "normal") -> bool:
+        """Whether `items` inputs of `tokens` tokens in all fit, within the share of the bounds
+        that `priority` may fill. The token cap never refuses inputs into an empty queue, or a
+        long one could never run."""
+        share = PRIORITY_QUEUE_SHARE[priority]
+        if len(self._items) + items > max(int(self.limits.max_queue_items * share), 1):
             return False
-        return not (self._items and self._queued_tokens + tokens > self.limits.max_queue_tokens)
+        return not (self._items and self._queued_tokens + tokens > self.limits.max_queue_tokens * share)
 
     def put(self, item: QueuedItem[T]) -> None:
-        if not self.has_room(1, item.length):
+        if not self.has_room(1, item.length, item.priority):
             raise Overloaded("the request queue is full", retry_after_s=self.drain_estimate_s())
         self._items.append(item)
         self._queued_tokens += item.length
@@ -119,7 +137,8 @@ class BatchQueue(Generic[T]):
         expired = self._remove_dead(now)
         if not self._items:
             return Formation(None, expired)
-        batch = self._best_batch(now)
+        anchor = min(self._items, key=lambda item: item.rank)
+        batch = self._best_batch(now, anchor)
         waited = now - self._items[0].enqueued_at
         if waited < self.limits.max_wait_s and self._could_grow(batch):
             return Formation(None, expired)
@@ -142,15 +161,15 @@ class BatchQueue(Generic[T]):
             self._queued_tokens -= item.length
         return expired
 
-    def _best_batch(self, now: float) -> Batch[T]:
-        """The group holding the oldest input, in the partition of the waiting inputs into
-        contiguous length groups that the latency model says serves them all soonest.
+    def _best_batch(self, now: float, anchor: QueuedItem[T]) -> Batch[T]:
+        """The group holding the anchor (the oldest input, by rank), in the partition of the
+        waiting inputs into contiguous length groups that the latency model says serves them all
+        soonest.
 
         Sorted by length, the best partition is a short dynamic programme: best[j] is the least
         predicted time to serve the j shortest inputs, the last group being inputs j-k..j-1
         padded to the length of input j-1. It sees all that waits, so an input joins a padded
         batch when the alternative is a batch too small to pay for its own per-call cost."""
-        anchor = self._items[0]
         ordered = sorted(self._items, key=lambda item: item.length)
         if len(ordered) > LOOKAHEAD:
             position = ordered.index(anchor)

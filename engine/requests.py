@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
+from engine.queue import Priority
 from engine.tasks.classify import LabelScore
 from engine.tasks.ner import Aggregation, Entity
 
@@ -22,6 +23,7 @@ class ClassifyRequest:
     truncate: bool = True  # False: an input over the model's maximum is refused
     timeout_s: float | None = None
     cache: bool = True  # False: computed afresh, and not stored
+    priority: Priority = "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,7 @@ class NerRequest:
     aggregation: Aggregation = "simple"
     timeout_s: float | None = None
     cache: bool = True
+    priority: Priority = "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class EmbedRequest:
     truncate: bool = True
     timeout_s: float | None = None
     cache: bool = True
+    priority: Priority = "normal"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from engine.cache.pool import CachePool
 from engine.coalesce import InFlight
 from engine.errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, ValidationError
 from engine.metrics import EngineMetrics
+from engine.queue import Priority
 from engine.requests import (
     ClassifyRequest,
     ClassifyResult,
@@ -75,6 +76,7 @@ class _Options:
     timeout_s: float | None
     truncate: bool = True  # False: an input over the model's maximum is refused
     cache: bool = True  # False: neither read nor write the cache (in-flight work is still shared)
+    priority: Priority = "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,7 @@ class Service:
             request.texts,
             _ResultCodec(scope, codec.encode_classify, lambda _text, value: codec.decode_classify(value)),
             head,
-            _Options(request.timeout_s, request.truncate, request.cache),
+            _Options(request.timeout_s, request.truncate, request.cache, request.priority),
         )
 
     async def ner(self, request: NerRequest) -> Served[NerResult]:
@@ -197,13 +199,13 @@ class Service:
             request.texts,
             _ResultCodec(f"{task}:{request.aggregation}", codec.encode_ner, codec.decode_ner),
             head,
-            _Options(request.timeout_s, cache=request.cache),
+            _Options(request.timeout_s, cache=request.cache, priority=request.priority),
         )
 
     async def embed(self, request: EmbedRequest) -> Served[EmbedResult]:
         self._validate(request.texts)
         started = time.monotonic()
-        options = _Options(request.timeout_s, request.truncate, request.cache)
+        options = _Options(request.timeout_s, request.truncate, request.cache, request.priority)
         encoded = await self._encode(request.texts, options, started)
         results = []
         for item in encoded.items:
@@ -308,7 +310,7 @@ class Service:
             )
         missing = [index for index, found in enumerate(states) if found is None]
         cache_hits = len(tokens) - len(missing)
-        waiting = self._compute(missing, tokens, keys, deadline, pool)
+        waiting = self._compute(missing, tokens, keys, deadline, pool, options.priority)
         if waiting:
             try:
                 outputs = await asyncio.wait_for(
@@ -349,6 +351,7 @@ class Service:
         keys: list[str],
         deadline: float,
         pool: CachePool | None,
+        priority: Priority = "normal",
     ) -> dict[int, asyncio.Future[EncodedInput]]:
         """Futures of the states of `tokens[indices]`: joined to identical work in flight where
         there is some, else submitted (all of the new inputs admitted, or none)."""
@@ -371,9 +374,9 @@ class Service:
                 else:
                     new[keys[index]] = index
             if new:
-                self._admit([tokens[i] for i in new.values()], deadline)
+                self._admit([tokens[i] for i in new.values()], deadline, priority)
             for key, index in new.items():
-                work = self.batcher.submit(tokens[index].ids, deadline)
+                work = self.batcher.submit(tokens[index].ids, deadline, priority)
                 if pool is not None:
                     work.add_done_callback(self._store_states(pool, keys[index]))
                 waiting[index] = work if inflight is None else inflight.start(key, work, self._extender(work))
@@ -406,9 +409,9 @@ class Service:
 
         return store
 
-    def _admit(self, tokens: list[TokenizedText], deadline: float) -> None:
+    def _admit(self, tokens: list[TokenizedText], deadline: float, priority: Priority = "normal") -> None:
         """All of a request's inputs are admitted, or none: nothing is left half-queued."""
-        if not self.batcher.queue.has_room(len(tokens), sum(item.length for item in tokens)):
+        if not self.batcher.queue.has_room(len(tokens), sum(item.length for item in tokens), priority):
             self.metrics.rejections.labels("queue_full").inc()
             raise Overloaded("the server is at capacity", retry_after_s=self.batcher.estimated_wait_s())
         own_cost = sum(self.batcher.latency.predict(1, item.length) for item in tokens)

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from engine.bundle import TaskKind
 from engine.errors import NotReady
+from engine.queue import Priority
 from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Served
 from engine.requests import Usage as EngineUsage
 from engine.service import Service
@@ -92,6 +93,12 @@ def _entity(entity: Entity, per_token: bool) -> dict[str, Any]:
 TimeoutHeader = Header(
     None, alias="X-Request-Timeout", gt=0, allow_inf_nan=False, description="Deadline in seconds."
 )
+PriorityHeader = Header(
+    "normal",
+    alias="X-Priority",
+    description="high | normal | low. Low is served after normal traffic up to 0.5 s older (then "
+    "in turn: never starved) and refused first when the queue fills; high the other way round.",
+)
 CacheControlHeader = Header(
     None, alias="Cache-Control", description="`no-cache` or `no-store`: compute afresh, store nothing."
 )
@@ -108,6 +115,7 @@ async def classify(
     request: Request,
     x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
+    x_priority: Priority = PriorityHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "classification")
     served = await service.classify(
@@ -118,6 +126,7 @@ async def classify(
             body.raw_scores,
             timeout_s=x_request_timeout,
             cache=_use_cache(body.cache, cache_control),
+            priority=x_priority,
         )
     )
     return _json(
@@ -142,6 +151,7 @@ async def ner(
     request: Request,
     x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
+    x_priority: Priority = PriorityHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "token-classification")
     served = await service.ner(
@@ -151,6 +161,7 @@ async def ner(
             body.aggregation_strategy,
             timeout_s=x_request_timeout,
             cache=_use_cache(body.cache, cache_control),
+            priority=x_priority,
         )
     )
     per_token = body.aggregation_strategy == "none"
@@ -173,6 +184,7 @@ async def predict(
     request: Request,
     x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
+    x_priority: Priority = PriorityHeader,
 ) -> Response:
     """text-embeddings-inference's /predict: every label with its score, best first."""
     service, task = _task_of(request, None, "classification")
@@ -186,6 +198,7 @@ async def predict(
             truncate=body.truncate,
             timeout_s=x_request_timeout,
             cache=_use_cache(True, cache_control),
+            priority=x_priority,
         )
     )
     scored = [[{"score": ls.score, "label": ls.label} for ls in r.labels] for r in served.results]
@@ -198,6 +211,7 @@ async def embed(
     request: Request,
     x_request_timeout: float | None = TimeoutHeader,
     cache_control: str | None = CacheControlHeader,
+    x_priority: Priority = PriorityHeader,
 ) -> Response:
     """text-embeddings-inference's /embed: mean-pooled sentence embeddings, one list per input."""
     request.state.task = "embed"
@@ -208,6 +222,7 @@ async def embed(
             body.truncate,
             x_request_timeout,
             cache=_use_cache(True, cache_control),
+            priority=x_priority,
         )
     )
     return _json([r.embedding for r in served.results], served, request)

@@ -249,6 +249,13 @@ def test_a_deadline_that_cannot_be_met_is_504(client: httpx.Client) -> None:
     assert ok.status_code == 200
 
 
+def test_priority_header_is_checked_and_served(client: httpx.Client) -> None:
+    for priority in ("high", "normal", "low"):
+        response = client.post("/v1/classify", json={"inputs": "fine"}, headers={"X-Priority": priority})
+        assert response.status_code == 200
+    assert error_of(client.post("/v1/classify", json={"inputs": "x"}, headers={"X-Priority": "urgent"}), 422)
+
+
 def test_unknown_routes_and_methods_answer_json(client: httpx.Client) -> None:
     assert error_of(client.get("/v1/nothing"), 404) == "not_found"
     assert client.get("/v1/classify").status_code == 405

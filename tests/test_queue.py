@@ -110,3 +110,38 @@ def test_discard_removes_a_waiting_input_once() -> None:
     assert queue.discard(waiting)
     assert not queue.discard(waiting)
     assert queue.queued_tokens == 0
+
+
+def test_low_priority_waits_behind_fresher_normal_inputs_but_is_never_starved() -> None:
+    queue = make_queue(max_batch_size=1)
+    old_low = QueuedItem(length=300, enqueued_at=0.0, deadline=1e9, payload="low", priority="low")
+    queue.put(old_low)
+    queue.put(item(20, at=0.2, name="normal"))
+    first = queue.next_batch(now=0.3).batch
+    assert first is not None and first.items[0].payload == "normal"  # 0.3 s older is not enough
+    queue.put(item(20, at=0.8, name="later normal"))
+    second = queue.next_batch(now=0.9).batch
+    assert second is not None and second.items[0].payload == "low"  # aged past the head start
+
+
+def test_high_priority_goes_first_and_finds_room_in_a_queue_full_for_others() -> None:
+    queue = make_queue(max_batch_size=1, max_queue_items=10)
+    for i in range(6):
+        queue.put(item(20, at=float(i), name=f"n{i}"))
+    assert not queue.has_room(1, 20, "low")  # low may fill 60% of the queue
+    assert queue.has_room(1, 20, "normal")
+    for i in range(4):
+        queue.put(item(20, at=6.0 + i))
+    assert not queue.has_room(1, 20, "normal") and queue.has_room(1, 20, "high")  # high: 110%
+    queue.put(QueuedItem(length=20, enqueued_at=6.1, deadline=1e9, payload="urgent", priority="high"))
+    with pytest.raises(Overloaded):
+        queue.put(item(20, at=7.0))
+    batch = queue.next_batch(now=6.2).batch
+    assert batch is not None and batch.items[0].payload == "n0"  # 6.2 s old beats a 0.25 s head start
+    batch = queue.next_batch(now=6.2).batch
+    assert batch is not None and batch.items[0].payload == "n1"
+    queue2 = make_queue(max_batch_size=1)
+    queue2.put(item(20, at=1.0, name="normal"))
+    queue2.put(QueuedItem(length=20, enqueued_at=1.1, deadline=1e9, payload="urgent", priority="high"))
+    batch = queue2.next_batch(now=1.2).batch
+    assert batch is not None and batch.items[0].payload == "urgent"
