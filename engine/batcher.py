@@ -22,7 +22,7 @@ from engine.cost_model import LatencyModel
 from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import Batch, BatchLimits, BatchQueue, Priority, QueuedItem
-from engine.runtime.affinity import pin_current_thread
+from engine.runtime.affinity import lower_thread_priority, pin_current_thread
 from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.tasks.heads import masked_mean
 
@@ -43,6 +43,16 @@ PREFETCH_MIN_QUEUE = 12
 # 72 -> 88 req/s, p99 82 -> 54 ms; at 8 and 32 the machine is rarely idle and nothing changes.
 # The threshold itself is a judgement (a second thread barely pays on a few-ms batch), not tuned.
 WIDE_MIN_S = 0.01
+# The runtime threads run at a lower CPU priority than the event loop (nice +10 per thread):
+# they use every core the loop leaves, and the loop, which admits, refuses and answers, is never
+# starved by them. Without it, at 3x capacity the loop fell behind the runtimes and requests
+# waited seconds in the kernel's accept queue before admission could refuse them (429s took
+# 2.2 s at p50); see tests/test_overload.py.
+RUNTIME_NICENESS = 10
+# The queue-wait estimate learns its own error from waits of at least this many seconds (shorter
+# ones are noise), by exponential smoothing with this weight per input.
+MIN_PREDICTED_WAIT_S = 0.02
+WAIT_ERROR_SMOOTHING = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +131,7 @@ class Batcher:
         self._hang_timeout_s = hang_timeout_s
         self._fatal_after_failures = fatal_after_failures
         self._failures_in_a_row = 0
+        self._wait_error = 1.0  # measured / predicted queue wait, smoothed
         self._watchdog: asyncio.Task[None] | None = None
         self.fatal: str | None = None  # why the runtimes can no longer serve, once they cannot
 
@@ -137,7 +148,17 @@ class Batcher:
         return len(self._workers)
 
     def estimated_wait_s(self) -> float:
-        return self.queue.drain_estimate_s(len(self._workers))
+        """How long a new input would wait before its batch starts: the latency model's time to
+        drain what waits, scaled up by how far such estimates fell short lately (measured at each
+        batch start, and at each timeout: under overload the runtimes share the cores with the
+        event loop and run slower than the model learned, and admission must know it). Never
+        scaled down: inputs that leave the queue early make waits look short, not the runtimes fast."""
+        return self.queue.drain_estimate_s(len(self._workers)) * self._wait_error
+
+    def _learn_wait_error(self, item: QueuedItem[EncodeJob], started: float) -> None:
+        if item.predicted_wait_s >= MIN_PREDICTED_WAIT_S:
+            ratio = min(max((started - item.enqueued_at) / item.predicted_wait_s, 1.0), 4.0)
+            self._wait_error += WAIT_ERROR_SMOOTHING * (ratio - self._wait_error)
 
     def submit(
         self, ids: np.ndarray, deadline: float, priority: Priority = "normal"
@@ -154,6 +175,7 @@ class Batcher:
             deadline=deadline,
             payload=EncodeJob(ids, future),
             priority=priority,
+            predicted_wait_s=self.estimated_wait_s() / self._wait_error,
         )
         self.queue.put(item)
         self._queued[future] = item
@@ -220,6 +242,9 @@ class Batcher:
         item.cancelled = True  # a batch already formed skips it too
         if self.queue.discard(item):
             self.metrics.rejections.labels("cancelled").inc()
+            # It waited at least this long: without these samples the error would be learned only
+            # from the inputs that were fast enough to be served (those that timed out say most).
+            self._learn_wait_error(item, time.monotonic())
             self._update_gauges()
 
     def _dispatch(self) -> None:
@@ -237,6 +262,7 @@ class Batcher:
                 break
             for item in batch.items:
                 self.metrics.queue_seconds.observe(batch.formed_at - item.enqueued_at)
+                self._learn_wait_error(item, batch.formed_at)
             self.metrics.batch_size.observe(batch.size)
             self.metrics.batch_tokens.observe(batch.padded_tokens)
             self.metrics.padding_ratio.observe(1.0 - batch.real_tokens / batch.padded_tokens)
@@ -255,6 +281,7 @@ class Batcher:
         for item in items:
             if not item.payload.future.done():
                 self.metrics.rejections.labels("expired").inc()
+                self._learn_wait_error(item, time.monotonic())
                 item.payload.future.set_exception(
                     DeadlineExceeded("the request's deadline passed while it was queued")
                 )
@@ -275,6 +302,7 @@ class Batcher:
         assert self._loop is not None
         if self._cpus is not None and worker is not self._wide:
             pin_current_thread(self._cpus[self._workers.index(worker)])
+        lower_thread_priority(RUNTIME_NICENESS)
         while (batch := worker.inbox.get()) is not None:
             # What was cancelled or expired since the batch was formed is not computed.
             now = time.monotonic()

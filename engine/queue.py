@@ -40,6 +40,7 @@ class QueuedItem(Generic[T]):
     payload: T
     cancelled: bool = False
     priority: Priority = "normal"
+    predicted_wait_s: float = 0.0  # the uncorrected drain estimate when it was queued
 
     @property
     def rank(self) -> float:

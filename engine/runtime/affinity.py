@@ -10,6 +10,7 @@ node whose affinity mask lists every CPU, pinning would pile every replica onto 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Literal
 
 PinMode = Literal["auto", "on", "off"]
@@ -27,3 +28,13 @@ def runtime_cpus(mode: PinMode, runtimes: int, threads_per_runtime: int) -> list
 
 def pin_current_thread(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value by `niceness` (Linux: nice is per thread). Lowering
+    one's own priority needs no privilege; where it is not supported, nothing happens."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + niceness, 19))
+    except (AttributeError, OSError):
+        pass
