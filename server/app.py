@@ -29,11 +29,13 @@ from engine.cache.local import LocalTier
 from engine.cache.metrics import CacheMetrics
 from engine.cache.pool import CachePool, CacheTtl
 from engine.cache.redis_tier import RedisTier
+from engine.gpu_metrics import GpuMemoryCollector, nvml_stats
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
 from engine.runtime.affinity import runtime_cpus
 from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
+from engine.runtime.selection import choose_runtime, providers_for
 from engine.service import Service, ServiceLimits
 from engine.tokenization import TextTokenizer
 from server.access import AccessMiddleware, KeyRing, RateLimits
@@ -88,9 +90,14 @@ def build_service(
             f"maximum length ({manifest.max_length})"
         )
     encoder = manifest.encoders.get("int8") or next(iter(manifest.encoders.values()))
+    kind, why = choose_runtime(settings.runtime)
+    log.info("runtime %s (%s)", kind, why)
     runtimes: list[EncoderRuntime] = [
         OnnxEncoderRuntime(
-            bundle.path(encoder.file), intra_op_threads=settings.intra_op_threads, name=f"onnx-{i}"
+            bundle.path(encoder.file),
+            intra_op_threads=settings.intra_op_threads,
+            name=f"{kind}-{i}",
+            providers=providers_for(kind),
         )
         for i in range(settings.runtimes)
     ]
@@ -109,7 +116,7 @@ def build_service(
             limits,
             metrics,
             cpus=runtime_cpus(settings.pin_runtime_threads, settings.runtimes, settings.intra_op_threads),
-            wide=_wide_runtime(settings, bundle.path(encoder.file)),
+            wide=_wide_runtime(settings, bundle.path(encoder.file)) if kind == "onnxruntime-cpu" else None,
             on_fatal=on_fatal,
             hang_timeout_s=settings.runtime_hang_timeout_s,
         ),
@@ -177,11 +184,13 @@ def create_app(
                 "version": server_version(),
                 "bundle": loaded.manifest.name,
                 "bundle_version": loaded.manifest.version,
-                "runtime": "onnxruntime-cpu",
+                "runtime": choose_runtime(settings.runtime)[0],
                 "precision": ",".join(loaded.manifest.encoders),
             }
         )
         app.state.service = service
+        if choose_runtime(settings.runtime)[0] == "onnxruntime-cuda":
+            registry.register(GpuMemoryCollector(nvml_stats))  # absent, not zero, on CPU
         # Warm up in the background: the port answers /health/live at once, /health/ready after.
         warm_up = asyncio.create_task(_start(service))
         warm_up.add_done_callback(_log_warm_up_failure)

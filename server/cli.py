@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.bundle import load_bundle
 from engine.errors import BundleError
+from engine.runtime.selection import choose_runtime
 from server.settings import DEFAULT_BUNDLE, Settings
 
 USAGE = """usage: sparsebert {serve,build,bench,hash-key} [options]
@@ -33,6 +34,7 @@ def serve(argv: list[str]) -> int:
             return 1
     try:
         bundle = load_bundle(settings.bundle, allow_failed_gates=settings.allow_failed_gates)
+        choose_runtime(settings.runtime)  # a runtime asked for by name must load: say so before binding
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.runtime.affinity import PinMode
+from engine.runtime.selection import RuntimeKind
 from server.access import DEFAULT_PUBLIC_PATHS
 
 DEFAULT_BUNDLE = Path("bundles/minilm-multitask")
@@ -31,6 +32,11 @@ class Settings(BaseSettings):
     )
     allow_failed_gates: bool = Field(
         False, description="Serve a bundle whose quality gates failed (never in production)."
+    )
+    runtime: RuntimeKind = Field(
+        "auto",
+        description="Encoder runtime: auto (the best this machine can load, logged), onnxruntime-cpu, "
+        "onnxruntime-cuda (the [gpu] extra). One asked for by name that cannot load fails start-up.",
     )
     runtimes: int = Field(
         2, ge=1, le=64, description="Encoder sessions run side by side (one worker thread each)."
