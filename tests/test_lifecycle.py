@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.server_process import free_port, start_server
+from loadtest.server_process import free_port, start_server, stop_server
 
 
 def test_sigterm_under_load_finishes_every_accepted_request_and_exits_0(bundle_dir: Path) -> None:
@@ -73,3 +73,80 @@ def test_a_corrupted_bundle_is_refused_naming_the_file(bundle_dir: Path, tmp_pat
     assert result.returncode == 2
     assert f"heads/{head.name}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+FAULTY_SERVER = """
+import sys
+import numpy as np
+from engine.runtime import onnx
+
+encode = onnx.OnnxEncoderRuntime.encode
+
+
+def faulty(self, input_ids, attention_mask):  # the real runtime, failing on one word (a fault injected)
+    if (input_ids == {zebra}).any():
+        raise RuntimeError("injected runtime fault")
+    return encode(self, input_ids, attention_mask)
+
+
+onnx.OnnxEncoderRuntime.encode = faulty
+from server.cli import main
+sys.exit(main(["serve", "--bundle", sys.argv[1], "--port", sys.argv[2], "--log-level", "warning"]))
+"""
+ZEBRA = 29145  # the token id of "zebra" in the MiniLM vocabulary
+
+
+def test_a_runtime_that_keeps_failing_makes_the_server_unready_and_exit_3(bundle_dir: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", FAULTY_SERVER.replace("{zebra}", str(ZEBRA)), str(bundle_dir), str(port)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.post(f"{url}/v1/classify", json={"inputs": "a calm horse"}).status_code == 200
+        statuses = []
+        for i in range(3):
+            statuses.append(httpx.post(f"{url}/v1/classify", json={"inputs": f"zebra {i}"}).status_code)
+        assert statuses == [500, 500, 500]  # the runtime's own failures: internal errors
+        assert process.wait(timeout=60) == 3
+        assert "3 batches in a row failed" in (process.stderr.read() if process.stderr else "")
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_slow_and_vanishing_clients_leave_nothing_behind(bundle_dir: Path) -> None:
+    import socket
+
+    port = free_port()
+    server = start_server(bundle_dir, port, ())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = b'{"inputs": "' + b"a slow client sends its body a byte at a time " * 20 + b'"}'
+        head = (
+            "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        sockets = []
+        for i in range(20):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(head.encode() + body[: 10 + i])  # a partial body, then silence
+            sockets.append(sock)
+        busy = [httpx.post(f"{url}/v1/classify", json={"inputs": f"meanwhile {i}"}) for i in range(5)]
+        assert all(r.status_code == 200 for r in busy)  # slow clients hold no worker or queue slot
+        for sock in sockets:
+            sock.close()
+        time.sleep(1.0)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "sparsebert_requests_in_flight 1.0" in metrics  # only this scrape itself
+        assert "sparsebert_queue_depth 0.0" in metrics
+    finally:
+        stop_server(server)
