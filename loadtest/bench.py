@@ -17,20 +17,18 @@ import asyncio
 import json
 import os
 import random
-import resource
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from engine.bundle import load_bundle
 from engine.runtime.base import pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
-from loadtest.http_client import HttpConnection
+from loadtest.closed_loop import LoadResult, closed_loop
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -39,67 +37,6 @@ from loadtest.workload import load_workload
 # a hit.
 SERVER_FLAGS = ("--no-cache", "--no-coalesce")
 NAIVE_FLAGS = (*SERVER_FLAGS, "--runtimes", "1", "--intra-op-threads", "2", "--max-batch-size", "1")
-
-
-@dataclass
-class LoadResult:
-    setup: str
-    concurrency: int
-    requests: int
-    errors: int
-    seconds: float
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    loadgen_cpu_share: float  # of one core, over the run
-    ceiling_sorted: float = 0.0  # raw engine, measured just before and after this point (mean)
-    ceiling_shuffled: float = 0.0
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def _closed_loop(
-    port: int, texts: list[str], concurrency: int, duration_s: float, setup: str
-) -> LoadResult:
-    latencies: list[float] = []
-    errors = 0
-    cursor = 0
-    connections = [HttpConnection("127.0.0.1", port) for _ in range(concurrency)]
-    requests = [connections[0].encode_post("/v1/classify", orjson.dumps({"inputs": text})) for text in texts]
-    stop_at = time.perf_counter() + duration_s
-
-    async def user(connection: HttpConnection) -> None:
-        nonlocal errors, cursor
-        while time.perf_counter() < stop_at:
-            request = requests[cursor % len(requests)]
-            cursor += 1
-            started = time.perf_counter()
-            status, _ = await connection.send(request)
-            if status == 200:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors += 1
-
-    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
-    await asyncio.gather(*(user(c) for c in connections))
-    cpu, wall = _cpu_seconds() - cpu_before, time.perf_counter() - wall_before
-    for connection in connections:
-        await connection.close()
-    lat = np.array(latencies) * 1000
-    return LoadResult(
-        setup=setup,
-        concurrency=concurrency,
-        requests=len(latencies),
-        errors=errors,
-        seconds=round(wall, 2),
-        rps=round(len(latencies) / wall, 1),
-        p50_ms=round(float(np.percentile(lat, 50)), 1),
-        p99_ms=round(float(np.percentile(lat, 99)), 1),
-        loadgen_cpu_share=round(cpu / wall, 2),
-    )
 
 
 def _run_setup(
@@ -117,11 +54,11 @@ def _run_setup(
     so its ratio to the ceiling compares runs seconds apart, not minutes."""
     process = start_server(bundle, port, flags)
     try:
-        asyncio.run(_closed_loop(port, texts, 4, 2.0, setup))  # warm the connections and caches
+        asyncio.run(closed_loop(port, texts, 4, setup, duration_s=2.0))  # warm the connections and caches
         results = []
         for level in levels:
             before = engine.ceiling_point(budget, duration_s / 2)
-            result = asyncio.run(_closed_loop(port, texts, level, duration_s, setup))
+            result = asyncio.run(closed_loop(port, texts, level, setup, duration_s=duration_s))
             after = engine.ceiling_point(budget, duration_s / 2)
             result.ceiling_sorted = round((before[0] + after[0]) / 2, 1)
             result.ceiling_shuffled = round((before[1] + after[1]) / 2, 1)

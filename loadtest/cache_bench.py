@@ -26,31 +26,17 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
-import orjson
 
-from loadtest.http_client import HttpConnection
+from loadtest.closed_loop import LoadResult, closed_loop
 from loadtest.redis_server import RedisServer
 from loadtest.server_process import free_port, start_server, stop_server
 from loadtest.workload import generate
 
 NO_STORE = {"Cache-Control": "no-store"}
 ROUNDS = 2
-
-
-@dataclass
-class CacheRun:
-    setup: str
-    requests: int
-    errors: int
-    seconds: float
-    rps: float
-    p50_ms: float
-    p99_ms: float
 
 
 def repeat_workload(requests: int, repeat_share: float = 0.5, seed: int = 11) -> list[str]:
@@ -68,59 +54,6 @@ def repeat_workload(requests: int, repeat_share: float = 0.5, seed: int = 11) ->
         else:
             sequence.append(rng.choices(seen, weights)[0])
     return sequence
-
-
-async def play(
-    port: int,
-    sequence: list[str],
-    concurrency: int,
-    setup: str,
-    headers: dict[str, str] | None = None,
-    progress: list[int] | None = None,
-) -> CacheRun:
-    """Every request of `sequence`, in order, by `concurrency` closed-loop clients; `progress[0]`
-    counts the requests sent (read by another thread)."""
-    connections = [HttpConnection("127.0.0.1", port) for _ in range(concurrency)]
-    encoded = [
-        connections[0].encode_post("/v1/classify", orjson.dumps({"inputs": text}), headers)
-        for text in sequence
-    ]
-    latencies: list[float] = []
-    errors = 0
-    cursor = 0
-
-    async def user(connection: HttpConnection) -> None:
-        nonlocal cursor, errors
-        while cursor < len(encoded):
-            request = encoded[cursor]
-            cursor += 1
-            if progress is not None:
-                progress[0] = cursor
-            started = time.perf_counter()
-            try:
-                status, _ = await connection.send(request)
-            except (ConnectionError, OSError):
-                status = 0
-            if status == 200:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(user(c) for c in connections))
-    wall = time.perf_counter() - started
-    for connection in connections:
-        await connection.close()
-    lat = np.array(latencies) * 1000
-    return CacheRun(
-        setup,
-        len(latencies),
-        errors,
-        round(wall, 2),
-        round(len(latencies) / wall, 1),
-        round(float(np.percentile(lat, 50)), 2),
-        round(float(np.percentile(lat, 99)), 2),
-    )
 
 
 def run(bundle: Path, port: int, requests: int, concurrency: int) -> int:
@@ -172,23 +105,25 @@ def _interleaved(
     setup: str,
     flags: tuple[str, ...],
     redis: RedisServer | None = None,
-) -> list[tuple[str, list[CacheRun], list[CacheRun]]]:
+) -> list[tuple[str, list[LoadResult], list[LoadResult]]]:
     process = start_server(bundle, port, ("--no-coalesce", "--admin-api", *flags))
     flush = f"http://127.0.0.1:{port}/admin/cache/flush"
     try:
-        asyncio.run(play(port, [f"warm-up text {i}" for i in range(64)], 4, "warm", NO_STORE))
-        off: list[CacheRun] = []
-        cached: list[CacheRun] = []
+        asyncio.run(closed_loop(port, [f"warm-up text {i}" for i in range(64)], 4, "warm", headers=NO_STORE))
+        off: list[LoadResult] = []
+        cached: list[LoadResult] = []
         for _ in range(ROUNDS):
-            off.append(_report(asyncio.run(play(port, sequence, concurrency, "off", NO_STORE))))
+            off.append(
+                _report(asyncio.run(closed_loop(port, sequence, concurrency, "off", headers=NO_STORE)))
+            )
             httpx.post(flush).raise_for_status()
-            cached.append(_report(asyncio.run(play(port, sequence, concurrency, setup))))
+            cached.append(_report(asyncio.run(closed_loop(port, sequence, concurrency, setup))))
         pairs = [(setup, off, cached)]
         if redis is not None:
             httpx.post(flush).raise_for_status()
             progress = [0]
             chaos = _kill_redis_midway(redis, progress, len(sequence))
-            killed = asyncio.run(play(port, sequence, concurrency, "Redis killed", None, progress))
+            killed = asyncio.run(closed_loop(port, sequence, concurrency, "Redis killed", progress=progress))
             chaos.join()
             pairs.append((f"{setup}, Redis killed midway", off, [_report(killed)]))
         return pairs
@@ -196,7 +131,7 @@ def _interleaved(
         stop_server(process)
 
 
-def _report(result: CacheRun) -> CacheRun:
+def _report(result: LoadResult) -> LoadResult:
     print(f"  {result.setup:14} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
           f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}", flush=True)  # fmt: skip
     return result
@@ -223,7 +158,7 @@ def _kill_redis_midway(redis: RedisServer, progress: list[int], requests: int) -
 
 def _one_by_one(port: int, texts: list[str]) -> tuple[float, float]:
     """p50 and p99 in ms of `texts` sent one at a time."""
-    result = asyncio.run(play(port, texts, 1, "latency"))
+    result = asyncio.run(closed_loop(port, texts, 1, "latency"))
     return result.p50_ms, result.p99_ms
 
 

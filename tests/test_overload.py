@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import psutil
 
-from loadtest.cache_bench import play
+from loadtest.closed_loop import closed_loop
 from loadtest.http_client import HttpConnection
 from loadtest.server_process import free_port, start_server, stop_server
 from loadtest.workload import load_workload
@@ -59,7 +59,9 @@ def test_three_times_capacity_gets_fast_429s_and_the_accepted_stay_within_the_sl
     )
     try:
         texts = load_workload()
-        capacity = asyncio.run(play(port, texts[:300], 32, "capacity", {"Cache-Control": "no-store"})).rps
+        capacity = asyncio.run(
+            closed_loop(port, texts[:300], 32, "capacity", headers={"Cache-Control": "no-store"})
+        ).rps
         process = psutil.Process(server.pid)
         rss_before = process.memory_info().rss
         results = asyncio.run(open_loop(port, texts, capacity * OVERLOAD, SECONDS))
