@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cachetools import LRUCache
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.errors import ErrorKind
 from server.errors import error_response
 
+MAX_CALLERS = 100_000
 DEFAULT_PUBLIC_PATHS = ("/health/live", "/health/ready", "/metrics", "/docs", "/redoc", "/openapi.json")
 
 
@@ -119,8 +121,9 @@ class AccessMiddleware:
         self.keys = keys
         self.limits = limits
         self.public_paths = public_paths
-        self._requests: dict[str, TokenBucket] = {}
-        self._tokens: dict[str, TokenBucket] = {}
+        # Bounded: callers are client addresses when no keys are set, and those are unbounded.
+        self._requests: LRUCache[str, TokenBucket] = LRUCache(MAX_CALLERS)
+        self._tokens: LRUCache[str, TokenBucket] = LRUCache(MAX_CALLERS)
 
     def _is_public(self, path: str) -> bool:
         return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self.public_paths)
