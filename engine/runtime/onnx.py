@@ -32,6 +32,10 @@ class OnnxEncoderRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads burn the cores that the other sessions and the HTTP loop need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No CPU memory arena: it keeps the peak of every shape seen (after the warm-up sweep up to
+        # 16 x 512, 659 MB per session against 149 MB without; the server's RSS 1.9 GB -> ~0.5 GB)
+        # for ~3% on an 8 x 64 batch, within this machine's noise.
+        options.enable_cpu_mem_arena = False
         wanted = providers or ["CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(model_path), options, providers=wanted)
         if wanted[0] not in self._session.get_providers():
