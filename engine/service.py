@@ -296,6 +296,8 @@ class Service:
         tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_batch, texts)
         tokenize_s = time.monotonic() - tokenize_started
         self.metrics.tokenize_seconds.observe(tokenize_s)
+        for item in tokens:
+            self.metrics.input_tokens.observe(item.length)
         if not options.truncate:
             for index, item in enumerate(tokens):
                 if item.dropped_tokens:

@@ -279,6 +279,8 @@ def test_metrics_expose_the_serving_histograms(client: httpx.Client) -> None:
         "sparsebert_build_info",
     ]:
         assert name in text, name
+    input_tokens = re.search(r"^sparsebert_input_tokens_count ([0-9.e+]+)$", text, re.MULTILINE)
+    assert input_tokens is not None and float(input_tokens.group(1)) >= len(POSITIVE)
     assert re.search(
         r'request_duration_seconds_count\{(?=[^}]*route="/v1/classify")(?=[^}]*task="sentiment")'
         r'(?=[^}]*status="200")',
