@@ -175,7 +175,7 @@ class Batcher:
             deadline=deadline,
             payload=EncodeJob(ids, future),
             priority=priority,
-            predicted_wait_s=self.estimated_wait_s() / self._wait_error,
+            predicted_wait_s=self.queue.drain_estimate_s(len(self._workers)),
         )
         self.queue.put(item)
         self._queued[future] = item
@@ -278,13 +278,14 @@ class Batcher:
         self._update_gauges()
 
     def _fail_expired(self, items: list[QueuedItem[EncodeJob]]) -> None:
-        for item in items:
-            if not item.payload.future.done():
-                self.metrics.rejections.labels("expired").inc()
-                self._learn_wait_error(item, time.monotonic())
-                item.payload.future.set_exception(
-                    DeadlineExceeded("the request's deadline passed while it was queued")
-                )
+        waiting = [item for item in items if not item.payload.future.done()]
+        if not waiting:
+            return
+        now = time.monotonic()
+        self.metrics.rejections.labels("expired").inc(len(waiting))
+        for item in waiting:
+            self._learn_wait_error(item, now)
+        self._fail(waiting, DeadlineExceeded("the request's deadline passed while it was queued"))
 
     def _arm_wait_timer(self) -> None:
         if self._wait_timer is not None or not len(self.queue):
