@@ -42,14 +42,10 @@ def _json(payload: Any, served: Served[Any] | None = None, request: Request | No
     if served is not None and request is not None:
         request.state.tokens_used = sum(r.usage.tokens for r in served.results)
     if served is not None:
-        timings = served.timings
-        headers = {
-            "x-total-time": f"{timings.total_s * 1000:.3f}",
-            "x-tokenization-time": f"{timings.tokenize_s * 1000:.3f}",
-            "x-queue-time": f"{timings.queue_s * 1000:.3f}",
-            "x-inference-time": f"{timings.inference_s * 1000:.3f}",
-            "x-cache-hits": str(served.cache_hits),
-        }
+        t = served.timings
+        seconds = (t.total_s, t.tokenize_s, t.queue_s, t.inference_s)
+        headers = {name: f"{s * 1000:.3f}" for name, s in zip(TIMING_HEADERS, seconds, strict=True)}
+        headers["x-cache-hits"] = str(served.cache_hits)
     return Response(
         orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
         media_type="application/json",
