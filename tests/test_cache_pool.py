@@ -73,7 +73,8 @@ def test_l1_hits_without_redis_and_respects_its_byte_bound() -> None:
         pool.put_many([(f"k{i}", b"z" * 500) for i in range(4)], "result")  # evicts the oldest
         assert pool.local is not None and pool.local.bytes <= 2000
         assert await pool.get_many(["a"], "result", as_bytes) == [None]
-        assert metrics.l1_bytes._value.get() == pool.local.bytes
+        [exported] = metrics.l1_bytes.collect()
+        assert exported.samples[0].value == pool.local.bytes  # the value a scrape reads
 
     asyncio.run(run())
 

@@ -44,6 +44,9 @@ class CachePool:
         self.local = local
         self.shared = shared
         self.ttl = ttl or CacheTtl()
+        if local is not None:  # read when scraped
+            metrics.l1_bytes.set_function(lambda: local.bytes)
+            metrics.l1_entries.set_function(lambda: len(local))
         for tier in (("l1",) if local is not None else ()) + (("l2",) if shared is not None else ()):
             for kind in ("result", "states"):
                 for result in ("hit", "miss", "corrupt", "error"):
@@ -82,7 +85,6 @@ class CachePool:
                     found[index] = self._decode(index, value, decode, "l2", kind)
                     if found[index] is not None and value is not None and self.local is not None:
                         self.local.put(keys[index], value, self.ttl.of(kind))
-        self._report_l1()
         return found
 
     def _decode(
@@ -105,7 +107,6 @@ class CachePool:
             for key, value in items:
                 self.local.put(key, value, ttl)
             self.metrics.writes.labels("l1", "ok").inc(len(items))
-            self._report_l1()
         if self.shared is not None:
             self.shared.put_many([(key, value, ttl) for key, value in items])
 
@@ -113,10 +114,4 @@ class CachePool:
         """Empty L1 and delete this namespace's keys from Redis; the number deleted there."""
         if self.local is not None:
             self.local.clear()
-            self._report_l1()
         return 0 if self.shared is None else await self.shared.flush(self.keys.pattern)
-
-    def _report_l1(self) -> None:
-        if self.local is not None:
-            self.metrics.l1_bytes.set(self.local.bytes)
-            self.metrics.l1_entries.set(len(self.local))
