@@ -18,6 +18,7 @@ from engine.cache.local import LocalTier
 from engine.cache.metrics import CacheMetrics
 from engine.cache.pool import CachePool, CacheTtl
 from engine.cache.redis_tier import RedisTier
+from engine.errors import NotReady
 from loadtest.redis_server import RedisServer
 
 _namespaces = itertools.count()
@@ -188,6 +189,8 @@ def test_redis_killed_is_a_miss_then_the_breaker_skips_it_and_it_comes_back(
         assert count(metrics, "l2", "result", "error") == 10
         pool.put_many([("k2", b"v2")], "result")  # a write while it is dead: dropped, not raised
         await settle(pool)
+        with pytest.raises(NotReady, match="did not answer the flush"):  # an operator's flush: told
+            await pool.flush()
 
         server.start()  # back, empty (no persistence)
         await asyncio.sleep(0.35)

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 
 from engine.cache.breaker import CircuitBreaker
 from engine.cache.metrics import CacheMetrics
+from engine.errors import NotReady
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,15 +121,18 @@ class RedisTier:
         self.metrics.writes.labels("l2", "ok" if done is not None else "error").inc(len(batch))
 
     async def flush(self, pattern: str) -> int:
-        """Delete every key matching `pattern` (SCAN + UNLINK: no blocking KEYS). Raises on failure:
-        an operator asked for it and must know it did not happen."""
+        """Delete every key matching `pattern` (SCAN + UNLINK: no blocking KEYS). Unlike lookups
+        this does not fail open: an operator asked for it and must know it did not happen (503)."""
         deleted = 0
         batch: list[str | bytes] = []
-        async for key in self._client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
+        try:
+            async for key in self._client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += await self._client.unlink(*batch)
+                    batch = []
+            if batch:
                 deleted += await self._client.unlink(*batch)
-                batch = []
-        if batch:
-            deleted += await self._client.unlink(*batch)
+        except (redis.RedisError, OSError) as exc:
+            raise NotReady(f"Redis did not answer the flush ({exc!r}); {deleted} keys were deleted") from None
         return deleted
