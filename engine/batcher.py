@@ -161,7 +161,7 @@ class Batcher:
             self._wait_error += WAIT_ERROR_SMOOTHING * (ratio - self._wait_error)
 
     def submit(
-        self, ids: np.ndarray, deadline: float, priority: Priority = "normal"
+        self, ids: np.ndarray, deadline: float, priority: Priority = "normal", admitted: bool = False
     ) -> asyncio.Future[EncodedInput]:
         """Queue one tokenized input; raises Overloaded if the queue is full, NotReady once the
         runtimes have failed."""
@@ -177,7 +177,7 @@ class Batcher:
             priority=priority,
             predicted_wait_s=self.queue.drain_estimate_s(len(self._workers)),
         )
-        self.queue.put(item)
+        self.queue.put(item, admitted)
         self._queued[future] = item
         future.add_done_callback(lambda f: self._on_waiter_done(item, f))
         self._update_gauges()

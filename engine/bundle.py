@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.json"
 
-TaskKind = Literal["classification", "token-classification"]
+TaskKind = Literal["classification", "token-classification", "summarization"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class TaskSpec:
     labels: tuple[str, ...]
     head: str
     description: str = ""
+    aggregator: str | None = None  # classification: trained window aggregation (else windows are averaged)
+    window: int | None = None  # tokens per window when chunking (None: the service's default)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class Manifest:
                     "labels": list(task.labels),
                     "head": task.head,
                     "description": task.description,
+                    "aggregator": task.aggregator,
+                    "window": task.window,
                 }
                 for name, task in self.tasks.items()
             },
@@ -110,6 +114,8 @@ class Manifest:
                         labels=tuple(spec["labels"]),
                         head=spec["head"],
                         description=spec.get("description", ""),
+                        aggregator=spec.get("aggregator"),
+                        window=spec.get("window"),
                     )
                     for name, spec in raw["tasks"].items()
                 },
@@ -161,8 +167,9 @@ def load_bundle(root: Path, *, allow_failed_gates: bool = False) -> Bundle:
         if needed not in manifest.files:
             raise BundleError(f"{MANIFEST} does not list {needed}")
     for task in manifest.tasks.values():
-        if task.head not in manifest.files:
-            raise BundleError(f"{MANIFEST} does not list the head {task.head} of task {task.name}")
+        for needed_file in [task.head, task.aggregator]:
+            if needed_file is not None and needed_file not in manifest.files:
+                raise BundleError(f"{MANIFEST} does not list {needed_file} of task {task.name}")
     report = json.loads((root / REPORT).read_text())
     failed = failed_gates(report)
     if failed and not allow_failed_gates:

@@ -55,6 +55,23 @@ class EngineMetrics:
             SPARSITY_BUCKETS,
             ("model",),
         )
+        self.stream_first_event = histogram(
+            "stream_first_event_seconds",
+            "From a streamed request's arrival to its first event (any transport).",
+            LATENCY_BUCKETS,
+            ("task",),
+        )
+        self.stream_event_gap = histogram(
+            "stream_event_gap_seconds",
+            "Time between consecutive events of a stream.",
+            LATENCY_BUCKETS,
+            ("task",),
+        )
+        self.document_windows = histogram(
+            "document_windows",
+            "Encoder windows a document was read in.",
+            (*BATCH_SIZE_BUCKETS, 256, 512, 1024),
+        )
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Inputs waiting in the queue.", registry=registry)
         self.queue_tokens = Gauge(f"{PREFIX}_queue_tokens", "Tokens waiting in the queue.", registry=registry)
         self.busy_runtimes = Gauge(

@@ -106,8 +106,10 @@ class BatchQueue(Generic[T]):
             return False
         return not (self._items and self._queued_tokens + tokens > self.limits.max_queue_tokens * share)
 
-    def put(self, item: QueuedItem[T]) -> None:
-        if not self.has_room(1, item.length, item.priority):
+    def put(self, item: QueuedItem[T], admitted: bool = False) -> None:
+        """`admitted`: the caller already checked room for a larger whole this item belongs to
+        (a long document's windows are queued a few at a time, after one admission)."""
+        if not admitted and not self.has_room(1, item.length, item.priority):
             raise Overloaded("the request queue is full", retry_after_s=self.drain_estimate_s())
         self._items.append(item)
         self._queued_tokens += item.length

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic
 
 import numpy as np
+from prometheus_client import Histogram
 
 from engine.attention import sparsity_ratio
 from engine.batcher import Batcher, EncodedInput
@@ -18,6 +20,15 @@ from engine.cache import codec
 from engine.cache.keys import CacheKeys
 from engine.cache.pool import CachePool
 from engine.coalesce import InFlight
+from engine.documents import (
+    DEFAULT_WINDOW,
+    SPECIAL_TOKENS,
+    LongInputPolicy,
+    WindowedDocument,
+    document_as_input,
+    document_states,
+    split,
+)
 from engine.errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, ValidationError
 from engine.metrics import EngineMetrics
 from engine.queue import Priority
@@ -26,16 +37,26 @@ from engine.requests import (
     ClassifyResult,
     EmbedRequest,
     EmbedResult,
+    LongInput,
     NerRequest,
     NerResult,
     R,
     Served,
+    SummarizeDone,
+    SummarizeEvent,
+    SummarizeProgress,
+    SummarizeRequest,
+    SummarizeResult,
+    SummarySentence,
     Timings,
     Usage,
+    WindowScores,
 )
-from engine.tasks.classify import Classifier
+from engine.sentences import sentence_spans, token_sentences
+from engine.tasks.classify import Classifier, WindowAggregator
 from engine.tasks.heads import MlpHead, mean_pool
 from engine.tasks.ner import AGGREGATIONS, TokenClassifier
+from engine.tasks.summarize import SentenceScore, SentenceScorer, select, sentence_features
 from engine.tokenization import TextTokenizer, TokenizedText
 
 WAIT_HEADROOM = 2.0
@@ -44,8 +65,67 @@ WAIT_HEADROOM = 2.0
 @dataclass(frozen=True)
 class ServiceLimits:
     max_inputs: int = 64
-    max_input_chars: int = 100_000
+    max_input_chars: int = 500_000
     default_timeout_s: float = 30.0
+    max_document_tokens: int = 65_536
+    # A long document's windows are queued a few at a time, as earlier ones finish: the queue
+    # stays fair to other requests, and a cancelled document leaves at most this much behind.
+    document_tokens_in_flight: int = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadDocument:
+    """A document's windows and their states."""
+
+    windowed: WindowedDocument
+    states: list[np.ndarray]  # [window tokens, hidden] per window
+
+    @property
+    def usage(self) -> Usage:
+        windowed = self.windowed
+        return Usage(windowed.encoded_tokens, windowed.dropped_tokens, len(windowed.windows))
+
+    def window_means(self) -> np.ndarray:
+        return np.stack([states.mean(axis=0) for states in self.states])
+
+    def token_states(self) -> np.ndarray:
+        """[document tokens, hidden], each token from the window where it saw most context."""
+        document = self.windowed.document
+        return document_states(self.windowed.windows, self.states, document.length, self.states[0].shape[1])
+
+
+@dataclass(slots=True)
+class _EventClock:
+    """Time to a stream's first event, and between its events."""
+
+    started: float
+    first: Histogram
+    gap: Histogram
+    last: float | None = None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.first.observe(now - self.started)
+        else:
+            self.gap.observe(now - self.last)
+        self.last = now
+
+
+@dataclass(slots=True)
+class _WindowTally:
+    """Cache hits and the longest queue and inference times over a request's windows."""
+
+    hits: int = 0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+    def add(self, output: EncodedInput | None) -> None:
+        if output is None:
+            self.hits += 1
+        else:
+            self.queue_s = max(self.queue_s, output.queue_s)
+            self.inference_s = max(self.inference_s, output.inference_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +171,22 @@ class _ResultCodec(Generic[R]):
     decode: Callable[[str, bytes], R]  # (the input text, the cached value)
 
 
+def _within_budget(windows: list[TokenizedText], budget: int) -> list[TokenizedText]:
+    """The leading windows whose tokens fit `budget` (at least one)."""
+    total = 0
+    for count, window in enumerate(windows):
+        total += window.length
+        if total > budget and count > 0:
+            return windows[:count]
+    return windows
+
+
+def _char_span(tokens: TokenizedText) -> tuple[int, int]:
+    """The characters a window covers (its first and last text tokens)."""
+    real = [span for span, word in zip(tokens.offsets, tokens.word_ids, strict=True) if word is not None]
+    return (real[0][0], real[-1][1]) if real else (0, 0)
+
+
 def _checked_states(value: bytes, length: int) -> np.ndarray:
     states = codec.decode_states(value)
     if states.shape[0] != length:
@@ -125,11 +221,17 @@ class Service:
         self._tokenize_pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="cache-encode")
         self.classifiers: dict[str, Classifier] = {}
+        self.aggregators: dict[str, WindowAggregator] = {}
         self.token_classifiers: dict[str, TokenClassifier] = {}
+        self.summarizers: dict[str, SentenceScorer] = {}
         for name, spec in bundle.manifest.tasks.items():
             head = MlpHead.load(bundle.path(spec.head))
             if spec.kind == "classification":
                 self.classifiers[name] = Classifier(head, spec.labels)
+                if spec.aggregator is not None:
+                    self.aggregators[name] = WindowAggregator.load(bundle.path(spec.aggregator))
+            elif spec.kind == "summarization":
+                self.summarizers[name] = SentenceScorer(head, spec.labels)
             else:
                 self.token_classifiers[name] = TokenClassifier(head, spec.labels)
         batcher.set_pooled_heads(self._classification_logits)
@@ -179,6 +281,8 @@ class Service:
             )
             return ClassifyResult(labels, item.usage)
 
+        if request.long_input is not None:
+            return await self._classify_documents(request, task, top_k)
         scope = f"{task}:k{top_k}:raw{request.raw_scores:d}:trunc{request.truncate:d}"
         return await self._serve(
             request.texts,
@@ -193,16 +297,20 @@ class Service:
         if request.aggregation not in AGGREGATIONS:
             raise ValidationError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}")
 
-        def head(text: str, item: _Encoded) -> NerResult:
-            entities = classifier.entities(text, item.tokens, item.states, request.aggregation)
-            return NerResult(entities, item.usage)
-
-        return await self._serve(
-            request.texts,
-            _ResultCodec(f"{task}:{request.aggregation}", codec.encode_ner, codec.decode_ner),
-            head,
-            _Options(request.timeout_s, cache=request.cache, priority=request.priority),
-        )
+        spec = self.bundle.manifest.tasks[task]
+        self._validate(request.texts)
+        started = time.monotonic()
+        options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
+        documents = await self._split(request.texts, request.long_input, spec.window)
+        tally = _WindowTally()
+        read = await self._read(documents, options, started, tally)
+        results = []
+        for text, document in zip(request.texts, read, strict=True):
+            tokens = document_as_input(document.windowed.document)
+            entities = classifier.entities(text, tokens, document.token_states(), request.aggregation)
+            results.append(NerResult(entities, document.usage))
+        timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
+        return Served(results, timings, tally.hits)
 
     async def embed(self, request: EmbedRequest) -> Served[EmbedResult]:
         self._validate(request.texts)
@@ -216,6 +324,231 @@ class Service:
                 vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
             results.append(EmbedResult(vector.astype(np.float32), item.usage))
         return Served(results, encoded.timings(started), encoded.cache_hits)
+
+    async def _classify_documents(
+        self, request: ClassifyRequest, task: str, top_k: int
+    ) -> Served[ClassifyResult]:
+        """Classification of documents read in windows: the task's aggregator pools the windows'
+        states (attention weights where trained, else the mean) before its head."""
+        assert request.long_input is not None
+        self._validate(request.texts)
+        started = time.monotonic()
+        classifier = self.classifiers[task]
+        aggregator = self.aggregators.get(task, WindowAggregator())
+        spec = self.bundle.manifest.tasks[task]
+        options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
+        documents = await self._split(request.texts, request.long_input, spec.window)
+        tally = _WindowTally()
+        read = await self._read(documents, options, started, tally)
+        results = []
+        for document in read:
+            means = document.window_means()
+            weights = aggregator.weights(means)
+            labels = classifier.top_k(weights @ means, top_k, raw=request.raw_scores)
+            per_window = None
+            if request.return_windows:
+                per_window = [
+                    WindowScores(
+                        *_char_span(window.tokens),
+                        float(weight),
+                        classifier.top_k(mean, top_k, raw=request.raw_scores),
+                    )
+                    for window, weight, mean in zip(document.windowed.windows, weights, means, strict=True)
+                ]
+            results.append(ClassifyResult(labels, document.usage, per_window))
+        timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
+        return Served(results, timings, tally.hits)
+
+    async def summarize(self, request: SummarizeRequest) -> Served[SummarizeResult]:
+        result: Served[SummarizeResult] | None = None
+        async with contextlib.aclosing(self.summarize_events(request)) as events:
+            async for event in events:
+                if isinstance(event, SummarizeDone):
+                    result = Served([event.result], event.timings, event.cache_hits)
+        assert result is not None
+        return result
+
+    async def summarize_events(self, request: SummarizeRequest) -> AsyncGenerator[SummarizeEvent, None]:
+        clock = _EventClock(
+            time.monotonic(),
+            self.metrics.stream_first_event.labels(request.task or "summarize"),
+            self.metrics.stream_event_gap.labels(request.task or "summarize"),
+        )
+        async for event in self._summarize_events(request):
+            clock.tick()
+            yield event
+
+    async def _summarize_events(self, request: SummarizeRequest) -> AsyncGenerator[SummarizeEvent, None]:
+        """Progress as windows finish, then the selected sentences, then the whole result. A
+        consumer that stops listening (a client gone) stops the work: the windows it still had
+        queued leave the queue."""
+        task = self.task_name(request.task, "summarization")
+        scorer = self.summarizers[task]
+        selection = request.selection
+        if selection.sentences is not None and selection.sentences < 1:
+            raise ValidationError("sentences must be at least 1")
+        if selection.sentences is None and not 0 < (selection.ratio or 0) <= 1:
+            raise ValidationError("ratio must be in (0, 1]")
+        self._validate([request.text])
+        started = time.monotonic()
+        options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
+        long_input = LongInput("chunk", window=request.window, stride=request.stride)
+        [document] = await self._split([request.text], long_input, self.bundle.manifest.tasks[task].window)
+        loop = asyncio.get_running_loop()
+        # Sentence splitting (~0.6 ms a sentence) runs while the windows are encoded.
+        spans_future = loop.run_in_executor(self._tokenize_pool, sentence_spans, request.text)
+        windows = document.windows
+        states: list[np.ndarray | None] = [None] * len(windows)
+        tally = _WindowTally()
+        deadline = started + self._timeout(options)
+        try:
+            async with contextlib.aclosing(
+                self._window_states([w.tokens for w in windows], options, deadline)
+            ) as stream:
+                async for index, window_states, output in stream:
+                    states[index] = window_states
+                    tally.add(output)
+                    yield SummarizeProgress(sum(x is not None for x in states), len(windows))
+            spans = await spans_future
+        finally:
+            spans_future.cancel()
+        read = _ReadDocument(document, [x for x in states if x is not None])
+        owners = token_sentences(document.document.offsets, spans)
+        scores: list[float] = []
+        if spans:
+            scores = scorer.scores(sentence_features(read.token_states(), owners, len(spans))).tolist()
+        scored = [
+            SentenceScore(i, start, end, float(score))
+            for i, ((start, end), score) in enumerate(zip(spans, scores, strict=True))
+        ]
+        chosen = [
+            SummarySentence(s.index, request.text[s.start : s.end], s.start, s.end, s.score)
+            for s in select(request.text, scored, selection)
+        ]
+        for sentence in chosen:
+            yield sentence
+        timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
+        yield SummarizeDone(SummarizeResult(chosen, len(spans), read.usage), timings, tally.hits)
+
+    def _timeout(self, options: _Options) -> float:
+        return self.limits.default_timeout_s if options.timeout_s is None else options.timeout_s
+
+    async def _split(
+        self, texts: list[str], long_input: LongInput, task_window: int | None
+    ) -> list[WindowedDocument]:
+        loop = asyncio.get_running_loop()
+        tokenize_started = time.monotonic()
+        documents = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_documents, texts)
+        self.metrics.tokenize_seconds.observe(time.monotonic() - tokenize_started)
+        out = []
+        for index, document in enumerate(documents):
+            if document.length > self.limits.max_document_tokens:
+                limit = self.limits.max_document_tokens
+                raise PayloadTooLarge(f"input {index} has {document.length} tokens; the limit is {limit}")
+            policy = self._policy(long_input, task_window, document.length)
+            out.append(split(document, policy, self.tokenizer.cls_id, self.tokenizer.sep_id))
+            self.metrics.document_windows.observe(len(out[-1].windows))
+        return out
+
+    def _policy(self, long_input: LongInput, task_window: int | None, length: int) -> LongInputPolicy:
+        """The request's policy with the task's defaults: a text that fits the model is read
+        whole; a longer one in windows of the task's trained size, else DEFAULT_WINDOW tokens."""
+        most = self.tokenizer.max_length
+        window = long_input.window or task_window
+        if window is None:
+            window = (
+                most
+                if length + SPECIAL_TOKENS <= most or long_input.strategy == "truncate"
+                else DEFAULT_WINDOW
+            )
+        if window > most:
+            raise ValidationError(f"window must be at most the model's {most} tokens")
+        try:
+            stride = long_input.stride or LongInputPolicy.default_stride(window)
+            return LongInputPolicy(long_input.strategy, window, stride, long_input.side)
+        except ValueError as error:
+            raise ValidationError(str(error)) from None
+
+    async def _read(
+        self, documents: list[WindowedDocument], options: _Options, started: float, tally: _WindowTally
+    ) -> list[_ReadDocument]:
+        flat = [
+            (doc, window) for doc, document in enumerate(documents) for window in range(len(document.windows))
+        ]
+        states: list[np.ndarray | None] = [None] * len(flat)
+        deadline = started + self._timeout(options)
+        tokens = [documents[doc].windows[window].tokens for doc, window in flat]
+        async with contextlib.aclosing(self._window_states(tokens, options, deadline)) as stream:
+            async for index, window_states, output in stream:
+                states[index] = window_states
+                tally.add(output)
+        out = []
+        position = 0
+        for document in documents:
+            count = len(document.windows)
+            read_states = [x for x in states[position : position + count] if x is not None]
+            out.append(_ReadDocument(document, read_states))
+            position += count
+        return out
+
+    async def _window_states(
+        self, windows: list[TokenizedText], options: _Options, deadline: float
+    ) -> AsyncGenerator[tuple[int, np.ndarray, EncodedInput | None], None]:
+        """(index, states, the computation or None for a cache hit) of each window, as each is
+        ready. Windows are queued a few at a time; leaving the iteration cancels those queued."""
+        for window in windows:
+            self.metrics.input_tokens.observe(window.length)
+        pool = self.cache if options.cache else None
+        keys = [self._state_keys.states(window.ids) for window in windows]
+        found: list[np.ndarray | None] = [None] * len(windows)
+        if pool is not None:
+            found = await pool.get_many(
+                keys, "states", lambda index, value: _checked_states(value, windows[index].length)
+            )
+        for index, states in enumerate(found):
+            if states is not None:
+                yield index, states, None
+        missing = [index for index, states in enumerate(found) if states is None]
+        if not missing:
+            return
+        budget = self.limits.document_tokens_in_flight
+        first = _within_budget([windows[i] for i in missing], budget)
+        self._admit([windows[i] for i in missing], deadline, options.priority, first_queued=first)
+        sparsity = self.metrics.attention_sparsity.labels(self.bundle.manifest.name)
+        in_flight: dict[asyncio.Future[EncodedInput], int] = {}
+        queued_tokens = 0
+        next_missing = 0
+        try:
+            while next_missing < len(missing) or in_flight:
+                while next_missing < len(missing) and (
+                    not in_flight or queued_tokens + windows[missing[next_missing]].length <= budget
+                ):
+                    index = missing[next_missing]
+                    futures = self._compute(
+                        [index], windows, keys, deadline, pool, options.priority, admitted=True
+                    )
+                    in_flight[futures[index]] = index
+                    queued_tokens += windows[index].length
+                    next_missing += 1
+                done, _ = await asyncio.wait(
+                    in_flight,
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done:
+                    self.metrics.rejections.labels("deadline").inc()
+                    raise DeadlineExceeded(
+                        f"no result within the request's {self._timeout(options):g} s deadline"
+                    )
+                for future in done:
+                    index = in_flight.pop(future)
+                    queued_tokens -= windows[index].length
+                    output = future.result()
+                    sparsity.observe(sparsity_ratio(self.bundle.manifest.attention, windows[index].length))
+                    yield index, output.states, output
+        finally:
+            for future in in_flight:
+                future.cancel()  # consumer gone, deadline passed or a window failed: the rest leave the queue
 
     async def flush_cache(self) -> int:
         """Empty the in-process cache and this namespace's Redis keys; the Redis keys deleted."""
@@ -356,6 +689,7 @@ class Service:
         deadline: float,
         pool: CachePool | None,
         priority: Priority = "normal",
+        admitted: bool = False,
     ) -> dict[int, asyncio.Future[EncodedInput]]:
         """Futures of the states of `tokens[indices]`: joined to identical work in flight where
         there is some, else submitted (all of the new inputs admitted, or none)."""
@@ -377,10 +711,10 @@ class Service:
                     repeats.append(index)
                 else:
                     new[keys[index]] = index
-            if new:
+            if new and not admitted:
                 self._admit([tokens[i] for i in new.values()], deadline, priority)
             for key, index in new.items():
-                work = self.batcher.submit(tokens[index].ids, deadline, priority)
+                work = self.batcher.submit(tokens[index].ids, deadline, priority, admitted)
                 if pool is not None:
                     work.add_done_callback(self._store_states(pool, keys[index]))
                 waiting[index] = work if inflight is None else inflight.start(key, work, self._extender(work))
@@ -413,9 +747,17 @@ class Service:
 
         return store
 
-    def _admit(self, tokens: list[TokenizedText], deadline: float, priority: Priority = "normal") -> None:
-        """All of a request's inputs are admitted, or none: nothing is left half-queued."""
-        if not self.batcher.queue.has_room(len(tokens), sum(item.length for item in tokens), priority):
+    def _admit(
+        self,
+        tokens: list[TokenizedText],
+        deadline: float,
+        priority: Priority = "normal",
+        first_queued: list[TokenizedText] | None = None,
+    ) -> None:
+        """All of a request's inputs are admitted, or none: nothing is left half-queued.
+        `first_queued`: the part queued at once, when the rest follows as it completes."""
+        queued = tokens if first_queued is None else first_queued
+        if not self.batcher.queue.has_room(len(queued), sum(item.length for item in queued), priority):
             self.metrics.rejections.labels("queue_full").inc()
             raise Overloaded("the server is at capacity", retry_after_s=self.batcher.estimated_wait_s())
         own_cost = sum(self.batcher.latency.predict(1, item.length) for item in tokens)

@@ -23,6 +23,19 @@ class TokenizedText:
         return int(self.ids.shape[0])
 
 
+@dataclass(frozen=True, slots=True)
+class DocumentTokens:
+    """Every token of a text, special tokens excluded."""
+
+    ids: np.ndarray  # int64 [n]
+    offsets: tuple[tuple[int, int], ...]
+    word_ids: tuple[int | None, ...]
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
 class TextTokenizer:
     """Wraps a `tokenizer.json`, with its fixed padding and truncation turned off.
 
@@ -38,7 +51,11 @@ class TextTokenizer:
         sep = self._tokenizer.token_to_id("[SEP]")
         if sep is None:
             raise ValueError(f"{path} has no [SEP] token")
-        self._sep_id = sep
+        cls = self._tokenizer.token_to_id("[CLS]")
+        if cls is None:
+            raise ValueError(f"{path} has no [CLS] token")
+        self.sep_id = sep
+        self.cls_id = cls
 
     def encode_batch(self, texts: list[str]) -> list[TokenizedText]:
         return [self._truncate(encoding) for encoding in self._tokenizer.encode_batch(texts)]
@@ -48,6 +65,13 @@ class TextTokenizer:
         encodings = self._tokenizer.encode_batch(sentences, is_pretokenized=True)
         return [self._truncate(encoding) for encoding in encodings]
 
+    def encode_documents(self, texts: list[str]) -> list[DocumentTokens]:
+        """Every token of each text, no special tokens and no truncation (for windowing)."""
+        return [
+            DocumentTokens(np.asarray(e.ids, dtype=np.int64), tuple(e.offsets), tuple(e.word_ids))
+            for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        ]
+
     def _truncate(self, encoding: Encoding) -> TokenizedText:
         ids = encoding.ids
         offsets = encoding.offsets
@@ -55,7 +79,7 @@ class TextTokenizer:
         dropped = max(0, len(ids) - self.max_length)
         if dropped:
             keep = self.max_length - 1
-            ids = [*ids[:keep], self._sep_id]
+            ids = [*ids[:keep], self.sep_id]
             offsets = [*offsets[:keep], (0, 0)]
             word_ids = [*word_ids[:keep], None]
         return TokenizedText(

@@ -20,7 +20,10 @@ def free_port() -> int:
 def start_server(
     bundle: Path, port: int, flags: tuple[str, ...], timeout_s: float = 180
 ) -> subprocess.Popen[bytes]:
-    """The server, once /health/ready answers 200."""
+    """The server, once /health/ready answers 200. Its gRPC API gets a free port too, unless
+    `flags` name one (or turn it off): several servers run side by side in the tests."""
+    if not {"--grpc-port", "--no-grpc"} & set(flags):
+        flags = (*flags, "--grpc-port", str(free_port()))
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle), "--port", str(port),
          "--log-level", "warning", *flags],

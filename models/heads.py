@@ -11,7 +11,7 @@ from torch import nn
 from engine.tasks.heads import MlpHead
 
 
-def _to_numpy_head(model: nn.Sequential) -> MlpHead:
+def to_numpy_head(model: nn.Sequential) -> MlpHead:
     linears = [layer for layer in model if isinstance(layer, nn.Linear)]
     return MlpHead(
         [
@@ -50,7 +50,7 @@ def train_mlp_head(
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y = torch.from_numpy(labels.astype(np.int64))
     loss_fn = nn.CrossEntropyLoss()
-    best_head, best_score = _to_numpy_head(model), float("-inf")
+    best_head, best_score = to_numpy_head(model), float("-inf")
     for _ in range(epochs):
         model.train()
         for batch in torch.split(torch.randperm(len(x), generator=generator), batch_size):
@@ -59,7 +59,7 @@ def train_mlp_head(
             loss.backward()
             optimizer.step()
         model.eval()
-        head = _to_numpy_head(model)
+        head = to_numpy_head(model)
         score = dev_score(head)
         if score > best_score:
             best_head, best_score = head, score

@@ -43,6 +43,7 @@ from server.errors import install_error_handlers
 from server.metrics import HttpMetrics
 from server.middleware import BodyLimitMiddleware, CancelOnDisconnectMiddleware, RequestMetricsMiddleware
 from server.routes import TIMING_HEADERS, admin_router, router
+from server.rpc.server import GrpcServer
 from server.settings import Settings
 
 log = logging.getLogger("sparsebert")
@@ -125,6 +126,7 @@ def build_service(
             max_inputs=settings.max_inputs_per_request,
             max_input_chars=settings.max_input_chars,
             default_timeout_s=settings.request_timeout_s,
+            max_document_tokens=settings.max_document_tokens,
         ),
         tokenizer_threads=settings.tokenizer_threads,
         cache=cache,
@@ -195,10 +197,22 @@ def create_app(
         warm_up = asyncio.create_task(_start(service))
         warm_up.add_done_callback(_log_warm_up_failure)
         log.info("serving bundle %s (%s) from %s", loaded.manifest.name, loaded.manifest.version, loaded.root)
+        grpc_server = None
+        if settings.grpc:
+            grpc_server = GrpcServer(
+                lambda: app.state.service,
+                lambda: not app.state.draining and service.unready_reason() is None,
+                KeyRing.load(settings.api_keys, settings.api_keys_file),
+                f"{settings.host}:{settings.grpc_port}",
+                settings.max_request_bytes,
+            )
+            await grpc_server.start()
         try:
             yield
         finally:
             warm_up.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_s)  # calls in flight finish first
             await service.close()
 
     # Docs that render offline: Swagger UI and ReDoc served from the fastapi-offline package.

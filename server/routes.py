@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Header, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
 from engine.bundle import TaskKind
-from engine.errors import NotReady
+from engine.errors import NotReady, ServingError
 from engine.queue import Priority
-from engine.requests import ClassifyRequest, EmbedRequest, NerRequest, Served
+from engine.requests import (
+    ClassifyRequest,
+    ClassifyResult,
+    EmbedRequest,
+    LongInput,
+    NerRequest,
+    Served,
+    SummarizeDone,
+    SummarizeEvent,
+    SummarizeProgress,
+    SummarizeRequest,
+    SummarizeResult,
+    SummarySentence,
+    Timings,
+)
 from engine.requests import Usage as EngineUsage
 from engine.service import Service
 from engine.tasks.ner import Entity
+from engine.tasks.summarize import Selection
 from server import schemas
 from server.errors import error_response
 
@@ -75,7 +92,27 @@ def _texts(inputs: str | list[str]) -> list[str]:
 
 
 def _usage(usage: EngineUsage) -> dict[str, int]:
-    return {"tokens": usage.tokens, "truncated_tokens": usage.truncated_tokens}
+    return {"tokens": usage.tokens, "truncated_tokens": usage.truncated_tokens, "windows": usage.windows}
+
+
+def _long_input(value: str | schemas.LongInputBody) -> LongInput:
+    if isinstance(value, str):
+        return LongInput("chunk" if value == "chunk" else "truncate")
+    return LongInput(value.strategy, value.side, value.window, value.stride)
+
+
+def _classification(result: ClassifyResult) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "labels": [{"label": ls.label, "score": ls.score} for ls in result.labels],
+        "usage": _usage(result.usage),
+    }
+    if result.windows is not None:
+        out["windows"] = [
+            {"start": w.start, "end": w.end, "weight": w.weight,
+             "labels": [{"label": ls.label, "score": ls.score} for ls in w.labels]}
+            for w in result.windows
+        ]  # fmt: skip
+    return out
 
 
 def _entity(entity: Entity, per_token: bool) -> dict[str, Any]:
@@ -114,6 +151,8 @@ async def classify(
     x_priority: Priority = PriorityHeader,
 ) -> Response:
     service, task = _task_of(request, body.model, "classification")
+    # The plain "truncate" is the one-pass path (and its result cache); anything else reads windows.
+    long_input = None if body.long_input == "truncate" else _long_input(body.long_input)
     served = await service.classify(
         ClassifyRequest(
             _texts(body.inputs),
@@ -123,22 +162,11 @@ async def classify(
             timeout_s=x_request_timeout,
             cache=_use_cache(body.cache, cache_control),
             priority=x_priority,
+            long_input=long_input,
+            return_windows=body.return_windows,
         )
     )
-    return _json(
-        {
-            "model": task,
-            "results": [
-                {
-                    "labels": [{"label": ls.label, "score": ls.score} for ls in r.labels],
-                    "usage": _usage(r.usage),
-                }
-                for r in served.results
-            ],
-        },
-        served,
-        request,
-    )
+    return _json({"model": task, "results": [_classification(r) for r in served.results]}, served, request)
 
 
 @router.post("/v1/ner", response_model=schemas.NerResponse, responses=ERRORS, tags=["tasks"])
@@ -158,6 +186,7 @@ async def ner(
             timeout_s=x_request_timeout,
             cache=_use_cache(body.cache, cache_control),
             priority=x_priority,
+            long_input=_long_input(body.long_input),
         )
     )
     per_token = body.aggregation_strategy == "none"
@@ -172,6 +201,96 @@ async def ner(
         served,
         request,
     )
+
+
+def _sentence(sentence: SummarySentence) -> dict[str, Any]:
+    return {"index": sentence.index, "text": sentence.text, "start": sentence.start, "end": sentence.end,
+            "score": sentence.score}  # fmt: skip
+
+
+def _summary(task: str, result: SummarizeResult) -> dict[str, Any]:
+    return {
+        "model": task,
+        "sentences": [_sentence(s) for s in result.sentences],
+        "total_sentences": result.total_sentences,
+        "usage": _usage(result.usage),
+    }
+
+
+def _timings_ms(timings: Timings) -> dict[str, float]:
+    seconds = (timings.total_s, timings.tokenize_s, timings.queue_s, timings.inference_s)
+    return {
+        name[2:].replace("-", "_"): round(s * 1000, 3)
+        for name, s in zip(TIMING_HEADERS, seconds, strict=True)
+    }
+
+
+def summary_event(task: str, event: SummarizeEvent) -> tuple[str, dict[str, Any]]:
+    """The name and payload of a summarization event, the same on every transport."""
+    if isinstance(event, SummarizeProgress):
+        return "progress", {"windows_done": event.windows_done, "windows_total": event.windows_total}
+    if isinstance(event, SummarySentence):
+        return "sentence", _sentence(event)
+    return "done", {**_summary(task, event.result), "timings": _timings_ms(event.timings)}
+
+
+async def _sse(
+    task: str, first: SummarizeEvent, events: AsyncGenerator[SummarizeEvent, None], request: Request
+) -> AsyncIterator[ServerSentEvent]:
+    """The events as SSE; an error after the stream began is an `error` event (the status line
+    has gone). A client that hangs up cancels this generator, and with it the queued windows."""
+    try:
+        event: SummarizeEvent | None = first
+        while event is not None:
+            name, payload = summary_event(task, event)
+            if isinstance(event, SummarizeDone):
+                request.state.tokens_used = event.result.usage.tokens
+            yield ServerSentEvent(orjson.dumps(payload).decode(), event=name)
+            event = await anext(events, None)
+    except ServingError as error:
+        body = {"error": {"type": error.kind.value, "message": error.message}}
+        yield ServerSentEvent(orjson.dumps(body).decode(), event="error")
+    finally:
+        await events.aclose()
+
+
+@router.post(
+    "/v1/summarize",
+    response_model=schemas.SummarizeResponse,
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when asked"},
+    },
+    tags=["tasks"],
+)
+async def summarize(
+    body: schemas.SummarizeBody,
+    request: Request,
+    x_request_timeout: float | None = TimeoutHeader,
+    cache_control: str | None = CacheControlHeader,
+    x_priority: Priority = PriorityHeader,
+    accept: str | None = Header(None),
+) -> Response:
+    """Extractive summary: every sentence scored in its document's context, the best selected.
+    With `Accept: text/event-stream` (or "stream": true), Server-Sent Events: `progress` as
+    windows finish, `sentence` for each selected sentence, then `done` with the whole result."""
+    service, task = _task_of(request, body.model, "summarization")
+    summarize_request = SummarizeRequest(
+        body.inputs,
+        task,
+        Selection(body.sentences, body.ratio, body.max_chars, body.diversity, body.keep_order),
+        body.window,
+        body.stride,
+        timeout_s=x_request_timeout,
+        cache=_use_cache(body.cache, cache_control),
+        priority=x_priority,
+    )
+    if not (body.stream or "text/event-stream" in (accept or "")):
+        served = await service.summarize(summarize_request)
+        return _json(_summary(task, served.results[0]), served, request)
+    events = service.summarize_events(summarize_request)
+    first = await anext(events)  # an error before the first event is an ordinary HTTP error
+    return EventSourceResponse(_sse(task, first, events, request), ping=15)
 
 
 @router.post("/predict", responses=ERRORS, tags=["text-embeddings-inference"])

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    grpc: bool = Field(True, description="Serve the gRPC API (server/rpc/sparsebert.proto) too.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="TCP port of the gRPC API.")
     bundle: Path = Field(DEFAULT_BUNDLE, description="Model bundle directory (with manifest.json).")
     build_missing_bundle: bool = Field(
         True, description="Build the default bundle from packaged weights if it is absent."
@@ -63,7 +65,10 @@ class Settings(BaseSettings):
     max_queue_items: int = Field(256, ge=1, description="Inputs waiting at most; beyond: 429.")
     max_queue_tokens: int = Field(65536, ge=512, description="Tokens waiting at most; beyond: 429.")
     max_inputs_per_request: int = Field(64, ge=1, description="Texts in one request; beyond: 413.")
-    max_input_chars: int = Field(100_000, ge=1, description="Characters in one text; beyond: 413.")
+    max_input_chars: int = Field(500_000, ge=1, description="Characters in one text; beyond: 413.")
+    max_document_tokens: int = Field(
+        65_536, ge=512, description="Tokens in one text (long inputs are read in windows); beyond: 413."
+    )
     max_request_bytes: int = Field(2_000_000, ge=1024, description="Request body size; beyond: 413.")
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline of a request without an X-Request-Timeout header."

@@ -39,7 +39,7 @@ def test_auto_picks_cuda_only_when_onnxruntime_offers_it() -> None:
 def test_a_runtime_asked_for_by_name_that_cannot_load_stops_start_up_in_one_line(bundle_dir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle_dir), "--port", str(free_port()),
-         "--runtime", "onnxruntime-cuda"],
+         "--no-grpc", "--runtime", "onnxruntime-cuda"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     import onnxruntime

@@ -93,7 +93,15 @@ def _usage(raw: Any) -> Usage:
     match raw:
         case [int() as tokens, int() as truncated] if tokens > 0 and truncated >= 0:
             return Usage(tokens, truncated)
+        case [int() as tokens, int() as truncated, int() as windows] if (
+            tokens > 0 and truncated >= 0 < windows
+        ):
+            return Usage(tokens, truncated, windows)
     raise DecodeError("bad usage")
+
+
+def _usage_fields(usage: Usage) -> list[int]:
+    return [usage.tokens, usage.truncated_tokens, usage.windows]
 
 
 def _number(raw: Any) -> float:
@@ -104,7 +112,7 @@ def _number(raw: Any) -> float:
 
 def encode_classify(result: ClassifyResult) -> bytes:
     labels = [[item.label, item.score] for item in result.labels]
-    usage = [result.usage.tokens, result.usage.truncated_tokens]
+    usage = _usage_fields(result.usage)
     return _header(KIND_CLASSIFY) + orjson.dumps({"labels": labels, "usage": usage})
 
 
@@ -124,7 +132,7 @@ def decode_classify(value: bytes) -> ClassifyResult:
 
 def encode_ner(result: NerResult) -> bytes:
     entities = [[e.label, e.score, e.word, e.start, e.end, e.index] for e in result.entities]
-    usage = [result.usage.tokens, result.usage.truncated_tokens]
+    usage = _usage_fields(result.usage)
     return _header(KIND_NER) + orjson.dumps({"entities": entities, "usage": usage})
 
 

