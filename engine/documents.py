@@ -130,3 +130,9 @@ def document_states(windows: list[Window], states: list[np.ndarray], length: int
 def document_as_input(document: DocumentTokens) -> TokenizedText:
     """The whole document as one token sequence (no special tokens), for token-level heads."""
     return TokenizedText(document.ids, document.offsets, document.word_ids, dropped_tokens=0)
+
+
+def window_borders(windows: list[Window], length: int) -> frozenset[int]:
+    """Tokens whose owner window differs from the previous token's."""
+    owner = owner_windows(windows, length)
+    return frozenset((np.nonzero(owner[1:] != owner[:-1])[0] + 1).tolist())

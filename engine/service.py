@@ -28,6 +28,7 @@ from engine.documents import (
     document_as_input,
     document_states,
     split,
+    window_borders,
 )
 from engine.errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, ValidationError
 from engine.metrics import EngineMetrics
@@ -307,7 +308,11 @@ class Service:
         results = []
         for text, document in zip(request.texts, read, strict=True):
             tokens = document_as_input(document.windowed.document)
-            entities = classifier.entities(text, tokens, document.token_states(), request.aggregation)
+            windowed = document.windowed
+            borders = window_borders(windowed.windows, windowed.document.length)
+            entities = classifier.entities(
+                text, tokens, document.token_states(), request.aggregation, borders
+            )
             results.append(NerResult(entities, document.usage))
         timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
         return Served(results, timings, tally.hits)

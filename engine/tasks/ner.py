@@ -34,6 +34,7 @@ class _Piece:
     score: float
     start: int
     end: int
+    border: bool = False  # its labels come from another window than the previous piece's
 
 
 def _split_tag(label: str) -> tuple[str, str]:
@@ -47,8 +48,16 @@ class TokenClassifier(LabelledHead):
         return softmax(self.head.logits(states))
 
     def entities(
-        self, text: str, tokens: TokenizedText, states: np.ndarray, aggregation: Aggregation
+        self,
+        text: str,
+        tokens: TokenizedText,
+        states: np.ndarray,
+        aggregation: Aggregation,
+        borders: frozenset[int] = frozenset(),
     ) -> list[Entity]:
+        """`borders`: tokens whose states come from another window than the token before (a long
+        document read in windows). A B- tag there continues an entity of the same type: each
+        window alone may see only part of a name that straddles the border."""
         probs = self.token_probs(states)
         real = [i for i, word in enumerate(tokens.word_ids) if word is not None]
         if aggregation == "none":
@@ -62,17 +71,22 @@ class TokenClassifier(LabelledHead):
                     )
             return out
         if aggregation == "simple":
-            pieces = [self._piece(probs[i], tokens.offsets[i]) for i in real]
+            pieces = [self._piece(probs[i], tokens.offsets[i], i in borders) for i in real]
         else:
-            pieces = self._words(probs, tokens, real, aggregation)
+            pieces = self._words(probs, tokens, real, aggregation, borders)
         return self._group(text, pieces)
 
-    def _piece(self, probs: np.ndarray, span: tuple[int, int]) -> _Piece:
+    def _piece(self, probs: np.ndarray, span: tuple[int, int], border: bool = False) -> _Piece:
         best = int(probs.argmax())
-        return _Piece(self.labels[best], float(probs[best]), span[0], span[1])
+        return _Piece(self.labels[best], float(probs[best]), span[0], span[1], border)
 
     def _words(
-        self, probs: np.ndarray, tokens: TokenizedText, real: list[int], aggregation: Aggregation
+        self,
+        probs: np.ndarray,
+        tokens: TokenizedText,
+        real: list[int],
+        aggregation: Aggregation,
+        borders: frozenset[int],
     ) -> list[_Piece]:
         words: dict[int, list[int]] = {}
         for i in real:
@@ -80,13 +94,14 @@ class TokenClassifier(LabelledHead):
         pieces = []
         for members in words.values():
             span = (tokens.offsets[members[0]][0], tokens.offsets[members[-1]][1])
+            border = any(i in borders for i in members)
             if aggregation == "first":
-                pieces.append(self._piece(probs[members[0]], span))
+                pieces.append(self._piece(probs[members[0]], span, border))
             elif aggregation == "max":
                 strongest = max(members, key=lambda i: float(probs[i].max()))
-                pieces.append(self._piece(probs[strongest], span))
+                pieces.append(self._piece(probs[strongest], span, border))
             else:
-                pieces.append(self._piece(probs[members].mean(axis=0), span))
+                pieces.append(self._piece(probs[members].mean(axis=0), span, border))
         return pieces
 
     @staticmethod
@@ -96,7 +111,7 @@ class TokenClassifier(LabelledHead):
             if groups:
                 _last_bi, last_tag = _split_tag(groups[-1][-1].label)
                 bi, tag = _split_tag(piece.label)
-                if tag == last_tag and bi != "B":
+                if tag == last_tag and (bi != "B" or piece.border):
                     groups[-1].append(piece)
                     continue
             groups.append([piece])

@@ -7,6 +7,7 @@ gives the probability that a sentence belongs in a summary.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from engine.tasks.heads import LabelledHead, softmax
 
 POSITION_FEATURES = 3
+_WORDS = re.compile(r"\w+")
 
 
 def sentence_features(token_states: np.ndarray, token_sentence: np.ndarray, sentences: int) -> np.ndarray:
@@ -69,7 +71,7 @@ def select(text: str, scored: list[SentenceScore], selection: Selection) -> list
     for candidate in sorted(scored, key=lambda s: (-s.score, s.index)):
         if len(chosen) == wanted:
             break
-        words = set(text[candidate.start : candidate.end].lower().split())
+        words = set(_WORDS.findall(text[candidate.start : candidate.end].lower()))
         if any(_jaccard(words, other) > selection.diversity for other in chosen_words):
             continue
         length = candidate.end - candidate.start
