@@ -146,7 +146,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
-        "--suite", choices=("batching", "cache", "all"), default="all", help="which benchmark to run"
+        "--suite",
+        choices=("batching", "cache", "documents", "all"),
+        default="all",
+        help="which benchmark to run",
     )
     parser.add_argument("--cache-requests", type=int, default=3000, help="requests per cache setup")
     parser.add_argument("--cache-concurrency", type=int, default=32)
@@ -157,6 +160,10 @@ def main(argv: list[str]) -> int:
         from loadtest.cache_bench import run as cache_run
 
         cache_run(args.bundle, args.port, args.cache_requests, args.cache_concurrency)
+    if args.suite in ("documents", "all"):
+        from loadtest.document_bench import run as documents_run
+
+        documents_run(args.bundle, args.port)
     return 0
 
 
