@@ -56,7 +56,7 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class WindowedDocument:
-    document: DocumentTokens
+    document: DocumentTokens  # the tokens read (truncation: those kept), every one in a window
     windows: list[Window]
     dropped_tokens: int  # text tokens no window covers (truncation)
 
@@ -82,9 +82,17 @@ def split(document: DocumentTokens, policy: LongInputPolicy, cls_id: int, sep_id
         spans = window_spans(document.length, size, policy.stride)
         dropped = 0
     else:
+        # The document becomes the part kept: every token of it is read, and its offsets still
+        # index the original text.
         kept = min(document.length, size)
-        spans = [(0, kept) if policy.side == "right" else (document.length - kept, document.length)]
+        first = 0 if policy.side == "right" else document.length - kept
         dropped = document.length - kept
+        document = DocumentTokens(
+            document.ids[first : first + kept],
+            document.offsets[first : first + kept],
+            document.word_ids[first : first + kept],
+        )
+        spans = [(0, kept)]
     windows = [
         Window(start, end, _window_tokens(document, start, end, cls_id, sep_id)) for start, end in spans
     ]

@@ -21,7 +21,8 @@ def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Path:
 
 def test_the_default_bundle_loads_and_passed_its_gates(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir)
-    assert set(bundle.manifest.tasks) == {"sentiment", "ner"}
+    assert set(bundle.manifest.tasks) == {"sentiment", "ner", "topic", "summarize"}
+    assert bundle.manifest.tasks["topic"].aggregator == "heads/topic.aggregator.npz"
     assert bundle.report["passed"] is True
     assert len(bundle.manifest.version) == 12
 

@@ -105,7 +105,7 @@ def test_truncation_is_reported_and_chunking_reads_everything(
         json={"inputs": text, "long_input": {"strategy": "truncate", "window": 128, "side": "left"}},
     ).json()["results"][0]
     assert left["usage"] == {"tokens": 128, "truncated_tokens": length - 126, "windows": 1}
-    assert all(e["start"] >= len(text) // 2 for e in left["entities"])  # only the end was read
+    assert all(e["start"] >= len(text) // 2 for e in left["entities"]), (len(text), left["entities"][:3])
     chunked = client.post(
         "/v1/classify", json={"inputs": text, "model": "topic", "long_input": "chunk", "return_windows": True}
     ).json()["results"][0]
@@ -119,21 +119,26 @@ def test_truncation_is_reported_and_chunking_reads_everything(
 def test_topic_chunked_in_128_token_windows_beats_truncation_at_128(
     server: tuple[httpx.Client, int], bundle_dir: Path
 ) -> None:
-    """The build measured it on every held-out article (report); here the served path agrees."""
-    topic = json.loads((bundle_dir / "report.json").read_text())["tasks"]["topic"]["test_by_policy"]
-    assert topic["chunk_128"] > topic["truncate_128"]
-    assert topic["chunk_128"] >= topic["whole_512"] - 0.01
+    """Every held-out BBC article through the served path, both ways; and the build's own
+    measurement (report card) of the whole articles, read at once up to 512 tokens."""
     client, _ = server
-    articles = bbc.load_splits()["test"][::8][:60]
-    correct = {"chunk": 0, "truncate": 0}
-    for policy in correct:
-        body = {"inputs": [a.text for a in articles], "model": "topic",
-                "long_input": {"strategy": policy, "window": 128}}  # fmt: skip
-        results = client.post("/v1/classify", json=body).json()["results"]
-        correct[policy] = sum(
-            r["labels"][0]["label"] == bbc.LABELS[a.label] for r, a in zip(results, articles, strict=True)
-        )
-    assert correct["chunk"] >= correct["truncate"] and correct["chunk"] >= 0.95 * len(articles)
+    articles = bbc.load_splits()["test"]
+    accuracy = {}
+    for policy in ("chunk", "truncate"):
+        correct = 0
+        for first in range(0, len(articles), 32):
+            batch = articles[first : first + 32]
+            body = {"inputs": [a.text for a in batch], "model": "topic", "cache": False,
+                    "long_input": {"strategy": policy, "window": 128}}  # fmt: skip
+            results = client.post("/v1/classify", json=body).json()["results"]
+            correct += sum(
+                r["labels"][0]["label"] == bbc.LABELS[a.label] for r, a in zip(results, batch, strict=True)
+            )
+        accuracy[policy] = correct / len(articles)
+    assert accuracy["chunk"] > accuracy["truncate"] and accuracy["chunk"] >= 0.96, accuracy
+    report = json.loads((bundle_dir / "report.json").read_text())["tasks"]["topic"]["test_by_policy"]
+    assert abs(report["chunk_128"] - accuracy["chunk"]) <= 0.005  # served as built
+    assert accuracy["chunk"] >= report["whole_512"] - 0.01
 
 
 def sse_events(client: httpx.Client, body: dict[str, object]) -> list[tuple[str, dict[str, object]]]:
