@@ -4,6 +4,7 @@ time, the CPU Locust itself took (it shares the 2 cores), then the SLO check on 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
@@ -25,16 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-rps", type=float, default=50.0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    server = start_server(args.bundle, port, ())
+    port, grpc_port = free_port(), free_port()
+    server = start_server(args.bundle, port, ("--grpc-port", str(grpc_port)))
     try:
         started = time.perf_counter()
         locust = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless",
+            [sys.executable, "-m", "locust", "-f", os.environ.get("LOCUSTFILE", "loadtest/locustfile.py"), "--headless",
              "-H", f"http://127.0.0.1:{port}", "-u", str(args.users), "-r", str(args.users),
              "-t", f"{args.seconds}s", "--only-summary", "--csv", str(args.out / "run"),
              "--json-file", str(args.out / "run"), "--exit-code-on-error", "0"],
             check=False,
+            env={**os.environ, "SPARSEBERT_GRPC_TARGET": f"127.0.0.1:{grpc_port}"},
         )  # fmt: skip
         wall = time.perf_counter() - started
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # Locust's: the server is not reaped yet
