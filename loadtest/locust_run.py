@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     server = start_server(args.bundle, port, ("--grpc-port", str(grpc_port)))
     try:
         started = time.perf_counter()
+        locustfile = os.environ.get("LOCUSTFILE", "loadtest/locustfile.py")  # another mix, to compare
         locust = subprocess.run(
-            [sys.executable, "-m", "locust", "-f", os.environ.get("LOCUSTFILE", "loadtest/locustfile.py"), "--headless",
+            [sys.executable, "-m", "locust", "-f", locustfile, "--headless",
              "-H", f"http://127.0.0.1:{port}", "-u", str(args.users), "-r", str(args.users),
              "-t", f"{args.seconds}s", "--only-summary", "--csv", str(args.out / "run"),
              "--json-file", str(args.out / "run"), "--exit-code-on-error", "0"],
