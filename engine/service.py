@@ -379,9 +379,12 @@ class Service:
             self.metrics.stream_first_event.labels(request.task or "summarize"),
             self.metrics.stream_event_gap.labels(request.task or "summarize"),
         )
-        async for event in self._summarize_events(request):
-            clock.tick()
-            yield event
+        # aclosing: a consumer that stops early closes the inner generator now, not at GC time,
+        # so its queued windows leave the queue at once.
+        async with contextlib.aclosing(self._summarize_events(request)) as events:
+            async for event in events:
+                clock.tick()
+                yield event
 
     async def _summarize_events(self, request: SummarizeRequest) -> AsyncGenerator[SummarizeEvent, None]:
         """Progress as windows finish, then the selected sentences, then the whole result. A
