@@ -124,11 +124,10 @@ def owner_windows(windows: list[Window], length: int) -> np.ndarray:
     return owner
 
 
-def document_states(windows: list[Window], states: list[np.ndarray], length: int, hidden: int) -> np.ndarray:
-    """[length, hidden] states of the document's tokens, each from its owner window (the windows'
-    states include their [CLS] and [SEP] rows)."""
-    out = np.empty((length, hidden), dtype=np.float32)
-    owner = owner_windows(windows, length)
+def document_states(windows: list[Window], states: list[np.ndarray], owner: np.ndarray) -> np.ndarray:
+    """[document tokens, hidden] states, each token's from its owner window (`owner_windows`;
+    the windows' states include their [CLS] and [SEP] rows)."""
+    out = np.empty((owner.shape[0], states[0].shape[1]), dtype=np.float32)
     for index, window in enumerate(windows):
         rows = np.nonzero(owner[window.start : window.end] == index)[0]
         out[window.start + rows] = states[index][1 + rows]
@@ -140,7 +139,6 @@ def document_as_input(document: DocumentTokens) -> TokenizedText:
     return TokenizedText(document.ids, document.offsets, document.word_ids, dropped_tokens=0)
 
 
-def window_borders(windows: list[Window], length: int) -> frozenset[int]:
-    """Tokens whose owner window differs from the previous token's."""
-    owner = owner_windows(windows, length)
+def window_borders(owner: np.ndarray) -> frozenset[int]:
+    """Tokens whose owner window (`owner_windows`) differs from the previous token's."""
     return frozenset((np.nonzero(owner[1:] != owner[:-1])[0] + 1).tolist())

@@ -27,6 +27,7 @@ from engine.documents import (
     WindowedDocument,
     document_as_input,
     document_states,
+    owner_windows,
     split,
     window_borders,
 )
@@ -80,6 +81,11 @@ class _ReadDocument:
 
     windowed: WindowedDocument
     states: list[np.ndarray]  # [window tokens, hidden] per window
+    owner: np.ndarray  # per document token, the window it is read from (documents.owner_windows)
+
+    @classmethod
+    def of(cls, windowed: WindowedDocument, states: list[np.ndarray]) -> _ReadDocument:
+        return cls(windowed, states, owner_windows(windowed.windows, windowed.document.length))
 
     @property
     def usage(self) -> Usage:
@@ -91,8 +97,7 @@ class _ReadDocument:
 
     def token_states(self) -> np.ndarray:
         """[document tokens, hidden], each token from the window where it saw most context."""
-        document = self.windowed.document
-        return document_states(self.windowed.windows, self.states, document.length, self.states[0].shape[1])
+        return document_states(self.windowed.windows, self.states, self.owner)
 
 
 @dataclass(slots=True)
@@ -117,9 +122,13 @@ class _EventClock:
 class _WindowTally:
     """Cache hits and the longest queue and inference times over a request's windows."""
 
+    started: float
     hits: int = 0
     queue_s: float = 0.0
     inference_s: float = 0.0
+
+    def timings(self) -> Timings:
+        return Timings(time.monotonic() - self.started, 0.0, self.queue_s, self.inference_s)
 
     def add(self, output: EncodedInput | None) -> None:
         if output is None:
@@ -298,24 +307,17 @@ class Service:
         if request.aggregation not in AGGREGATIONS:
             raise ValidationError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}")
 
-        spec = self.bundle.manifest.tasks[task]
-        self._validate(request.texts)
-        started = time.monotonic()
         options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
-        documents = await self._split(request.texts, request.long_input, spec.window)
-        tally = _WindowTally()
-        read = await self._read(documents, options, started, tally)
+        read, tally = await self._read_texts(request.texts, request.long_input, task, options)
         results = []
         for text, document in zip(request.texts, read, strict=True):
             tokens = document_as_input(document.windowed.document)
-            windowed = document.windowed
-            borders = window_borders(windowed.windows, windowed.document.length)
+            borders = window_borders(document.owner)
             entities = classifier.entities(
                 text, tokens, document.token_states(), request.aggregation, borders
             )
             results.append(NerResult(entities, document.usage))
-        timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
-        return Served(results, timings, tally.hits)
+        return Served(results, tally.timings(), tally.hits)
 
     async def embed(self, request: EmbedRequest) -> Served[EmbedResult]:
         self._validate(request.texts)
@@ -336,15 +338,10 @@ class Service:
         """Classification of documents read in windows: the task's aggregator pools the windows'
         states (attention weights where trained, else the mean) before its head."""
         assert request.long_input is not None
-        self._validate(request.texts)
-        started = time.monotonic()
         classifier = self.classifiers[task]
         aggregator = self.aggregators.get(task, WindowAggregator())
-        spec = self.bundle.manifest.tasks[task]
         options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
-        documents = await self._split(request.texts, request.long_input, spec.window)
-        tally = _WindowTally()
-        read = await self._read(documents, options, started, tally)
+        read, tally = await self._read_texts(request.texts, request.long_input, task, options)
         results = []
         for document in read:
             means = document.window_means()
@@ -361,8 +358,7 @@ class Service:
                     for window, weight, mean in zip(document.windowed.windows, weights, means, strict=True)
                 ]
             results.append(ClassifyResult(labels, document.usage, per_window))
-        timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
-        return Served(results, timings, tally.hits)
+        return Served(results, tally.timings(), tally.hits)
 
     async def summarize(self, request: SummarizeRequest) -> Served[SummarizeResult]:
         result: Served[SummarizeResult] | None = None
@@ -407,7 +403,7 @@ class Service:
         spans_future = loop.run_in_executor(self._tokenize_pool, sentence_spans, request.text)
         windows = document.windows
         states: list[np.ndarray | None] = [None] * len(windows)
-        tally = _WindowTally()
+        tally = _WindowTally(started)
         deadline = started + self._timeout(options)
         try:
             async with contextlib.aclosing(
@@ -420,7 +416,7 @@ class Service:
             spans = await spans_future
         finally:
             spans_future.cancel()
-        read = _ReadDocument(document, [x for x in states if x is not None])
+        read = _ReadDocument.of(document, [x for x in states if x is not None])
         owners = token_sentences(document.document.offsets, spans)
         scores: list[float] = []
         if spans:
@@ -435,8 +431,7 @@ class Service:
         ]
         for sentence in chosen:
             yield sentence
-        timings = Timings(time.monotonic() - started, 0.0, tally.queue_s, tally.inference_s)
-        yield SummarizeDone(SummarizeResult(chosen, len(spans), read.usage), timings, tally.hits)
+        yield SummarizeDone(SummarizeResult(chosen, len(spans), read.usage), tally.timings(), tally.hits)
 
     def _timeout(self, options: _Options) -> float:
         return self.limits.default_timeout_s if options.timeout_s is None else options.timeout_s
@@ -477,42 +472,37 @@ class Service:
         except ValueError as error:
             raise ValidationError(str(error)) from None
 
-    async def _read(
-        self, documents: list[WindowedDocument], options: _Options, started: float, tally: _WindowTally
-    ) -> list[_ReadDocument]:
-        flat = [
-            (doc, window) for doc, document in enumerate(documents) for window in range(len(document.windows))
-        ]
-        states: list[np.ndarray | None] = [None] * len(flat)
-        deadline = started + self._timeout(options)
-        tokens = [documents[doc].windows[window].tokens for doc, window in flat]
-        async with contextlib.aclosing(self._window_states(tokens, options, deadline)) as stream:
+    async def _read_texts(
+        self, texts: list[str], long_input: LongInput, task: str, options: _Options
+    ) -> tuple[list[_ReadDocument], _WindowTally]:
+        """Every text split by `long_input` (with `task`'s defaults) and all their windows read."""
+        self._validate(texts)
+        tally = _WindowTally(time.monotonic())
+        documents = await self._split(texts, long_input, self.bundle.manifest.tasks[task].window)
+        windows = [window.tokens for document in documents for window in document.windows]
+        states: list[np.ndarray | None] = [None] * len(windows)
+        deadline = tally.started + self._timeout(options)
+        async with contextlib.aclosing(self._window_states(windows, options, deadline)) as stream:
             async for index, window_states, output in stream:
                 states[index] = window_states
                 tally.add(output)
-        out = []
+        read = []
         position = 0
         for document in documents:
             count = len(document.windows)
-            read_states = [x for x in states[position : position + count] if x is not None]
-            out.append(_ReadDocument(document, read_states))
+            read.append(
+                _ReadDocument.of(document, [x for x in states[position : position + count] if x is not None])
+            )
             position += count
-        return out
+        return read, tally
 
     async def _window_states(
         self, windows: list[TokenizedText], options: _Options, deadline: float
     ) -> AsyncGenerator[tuple[int, np.ndarray, EncodedInput | None], None]:
         """(index, states, the computation or None for a cache hit) of each window, as each is
         ready. Windows are queued a few at a time; leaving the iteration cancels those queued."""
-        for window in windows:
-            self.metrics.input_tokens.observe(window.length)
         pool = self.cache if options.cache else None
-        keys = [self._state_keys.states(window.ids) for window in windows]
-        found: list[np.ndarray | None] = [None] * len(windows)
-        if pool is not None:
-            found = await pool.get_many(
-                keys, "states", lambda index, value: _checked_states(value, windows[index].length)
-            )
+        keys, found = await self._cached_states(windows, pool)
         for index, states in enumerate(found):
             if states is not None:
                 yield index, states, None
@@ -637,8 +627,6 @@ class Service:
         tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_batch, texts)
         tokenize_s = time.monotonic() - tokenize_started
         self.metrics.tokenize_seconds.observe(tokenize_s)
-        for item in tokens:
-            self.metrics.input_tokens.observe(item.length)
         if not options.truncate:
             for index, item in enumerate(tokens):
                 if item.dropped_tokens:
@@ -647,12 +635,7 @@ class Service:
                         f"is {self.tokenizer.max_length} (set truncate to true to cut it)"
                     )
         pool = self.cache if options.cache else None
-        keys = [self._state_keys.states(item.ids) for item in tokens]
-        states: list[np.ndarray | None] = [None] * len(tokens)
-        if pool is not None:
-            states = await pool.get_many(
-                keys, "states", lambda index, value: _checked_states(value, tokens[index].length)
-            )
+        keys, states = await self._cached_states(tokens, pool)
         missing = [index for index, found in enumerate(states) if found is None]
         cache_hits = len(tokens) - len(missing)
         waiting = self._compute(missing, tokens, keys, deadline, pool, options.priority)
@@ -688,6 +671,20 @@ class Service:
             inference_s=max((out.inference_s for out in computed.values()), default=0.0),
             cache_hits=cache_hits,
         )
+
+    async def _cached_states(
+        self, tokens: list[TokenizedText], pool: CachePool | None
+    ) -> tuple[list[str], list[np.ndarray | None]]:
+        """The state-cache keys of encoder inputs, and the states the cache holds for them."""
+        for item in tokens:
+            self.metrics.input_tokens.observe(item.length)
+        keys = [self._state_keys.states(item.ids) for item in tokens]
+        if pool is None:
+            return keys, [None] * len(tokens)
+        states = await pool.get_many(
+            keys, "states", lambda index, value: _checked_states(value, tokens[index].length)
+        )
+        return keys, states
 
     def _compute(
         self,

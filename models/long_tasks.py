@@ -12,7 +12,7 @@ import torch
 from rouge_score import rouge_scorer
 from torch import nn
 
-from engine.documents import LongInputPolicy, WindowedDocument, document_states, split
+from engine.documents import LongInputPolicy, WindowedDocument, document_states, owner_windows, split
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.sentences import token_sentences
 from engine.tasks.classify import WindowAggregator
@@ -145,7 +145,7 @@ def paper_features(
     out = []
     texts = [paper.text for paper in papers]
     for paper, (doc, states) in zip(papers, windowed(runtime, tokenizer, texts, policy), strict=True):
-        token_states = document_states(doc.windows, states, doc.document.length, states[0].shape[1])
+        token_states = document_states(doc.windows, states, owner_windows(doc.windows, doc.document.length))
         owners = token_sentences(doc.document.offsets, list(paper.spans))
         out.append(sentence_features(token_states, owners, len(paper.spans)))
     return out

@@ -70,6 +70,18 @@ class KeyRing:
         return found
 
 
+def authenticate(keys: KeyRing, authorization: str) -> ApiKey | tuple[ErrorKind, str]:
+    """The key an `Authorization: Bearer <key>` value (HTTP header or gRPC metadata) names, or
+    the error to answer with."""
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return ErrorKind.UNAUTHENTICATED, "this server needs an API key: Authorization: Bearer <key>"
+    key = keys.find(presented.strip())
+    if key is None:
+        return ErrorKind.FORBIDDEN, "the API key is not recognised"
+    return key
+
+
 @dataclass
 class TokenBucket:
     rate: float  # units per second
@@ -172,12 +184,9 @@ class AccessMiddleware:
             client = scope.get("client")
             return f"client {client[0]}" if client else "client unknown"
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            return ErrorKind.UNAUTHENTICATED, "this server needs an API key: Authorization: Bearer <key>"
-        key = self.keys.find(presented.strip())
-        if key is None:
-            return ErrorKind.FORBIDDEN, "the API key is not recognised"
+        key = authenticate(self.keys, header)
+        if not isinstance(key, ApiKey):
+            return key
         if scope["path"].startswith("/admin") and not key.admin:
             return ErrorKind.FORBIDDEN, f"key {key.name!r} may not use the admin routes"
         return f"key {key.name}"

@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from loadtest.server_process import free_port
 from server.access import KeyRing, TokenBucket, hash_key
+from server.rpc import sparsebert_pb2 as pb
+from server.rpc import sparsebert_pb2_grpc as pb_grpc
 from tests.conftest import start_server
 from tests.test_http_api import error_of
 
@@ -45,13 +49,16 @@ def test_key_ring_finds_keys_by_hash_and_refuses_malformed_entries(tmp_path: Pat
             KeyRing([bad])
 
 
+GUARDED_GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def guarded(bundle_dir: Path) -> Iterator[httpx.Client]:
     keys = f'["alice:{hash_key(ALICE)}:admin", "bob:{hash_key(BOB)}", "carol:{hash_key(CAROL)}"]'
     yield from start_server(
         bundle_dir, "--api-keys", keys, "--admin-api", "--rate-limit-rps", "2", "--rate-limit-burst", "3",
         "--rate-limit-tokens-per-s", "20", "--rate-limit-token-burst", "200",
-        "--cors-origins", '["https://app.example"]',
+        "--cors-origins", '["https://app.example"]', "--grpc-port", str(GUARDED_GRPC_PORT),
     )  # fmt: skip
 
 
@@ -111,3 +118,19 @@ def test_cors_is_off_unless_configured(guarded: httpx.Client, client: httpx.Clie
     other = guarded.options("/v1/classify", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
     assert "access-control-allow-origin" not in client.options("/v1/classify", headers=preflight).headers
+
+
+def test_grpc_calls_need_a_known_key_in_their_metadata(guarded: httpx.Client) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{GUARDED_GRPC_PORT}") as channel:
+        stub = pb_grpc.InferenceStub(channel)  # type: ignore[no-untyped-call]
+        request = pb.ClassifyRequest(inputs=["A fine film."])
+        wrong_key = (("authorization", "Bearer wrong"),)
+        for metadata, code in [
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            (wrong_key, grpc.StatusCode.PERMISSION_DENIED),
+        ]:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(request, metadata=metadata)
+            assert refused.value.code() == code
+        answer = stub.Classify(request, metadata=(("authorization", f"Bearer {CAROL}"),))
+        assert answer.results[0].labels[0].label == "positive"

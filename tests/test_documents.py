@@ -61,8 +61,8 @@ def test_document_states_come_from_the_owner_windows_and_skip_special_tokens(
         np.array([[w, r] for r in range(win.tokens.length)], dtype=np.float32)
         for w, win in enumerate(windowed.windows)
     ]
-    merged = document_states(windowed.windows, states, document.length, 2)
     owner = owner_windows(windowed.windows, document.length)
+    merged = document_states(windowed.windows, states, owner)
     for token in range(document.length):
         window = windowed.windows[owner[token]]
         assert merged[token].tolist() == [owner[token], token - window.start + 1]  # +1: [CLS] first

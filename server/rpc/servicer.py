@@ -25,7 +25,7 @@ from engine.requests import (
 from engine.service import Service
 from engine.tasks.ner import AGGREGATIONS, Aggregation
 from engine.tasks.summarize import Selection
-from server.access import KeyRing
+from server.access import ApiKey, KeyRing, authenticate
 from server.rpc import sparsebert_pb2 as pb
 from server.rpc import sparsebert_pb2_grpc as pb_grpc
 from server.rpc.errors import GRPC_STATUS
@@ -65,15 +65,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _ready(self, context: grpc.aio.ServicerContext) -> Service:
         if self._keys is not None:
             metadata = dict(context.invocation_metadata() or ())
-            scheme, _, presented = str(metadata.get("authorization", "")).partition(" ")
-            if scheme.lower() != "bearer" or not presented.strip():
-                await _abort(
-                    context,
-                    ErrorKind.UNAUTHENTICATED,
-                    "this server needs an API key: authorization: Bearer <key>",
-                )
-            if self._keys.find(presented.strip()) is None:
-                await _abort(context, ErrorKind.FORBIDDEN, "the API key is not recognised")
+            key = authenticate(self._keys, str(metadata.get("authorization", "")))
+            if not isinstance(key, ApiKey):
+                await _abort(context, *key)
         service = self._service()
         if service is None:
             raise NotReady("the model is loading")
