@@ -123,12 +123,13 @@ class _WindowTally:
     """Cache hits and the longest queue and inference times over a request's windows."""
 
     started: float
+    tokenize_s: float = 0.0
     hits: int = 0
     queue_s: float = 0.0
     inference_s: float = 0.0
 
     def timings(self) -> Timings:
-        return Timings(time.monotonic() - self.started, 0.0, self.queue_s, self.inference_s)
+        return Timings(time.monotonic() - self.started, self.tokenize_s, self.queue_s, self.inference_s)
 
     def add(self, output: EncodedInput | None) -> None:
         if output is None:
@@ -394,17 +395,17 @@ class Service:
         if selection.sentences is None and not 0 < (selection.ratio or 0) <= 1:
             raise ValidationError("ratio must be in (0, 1]")
         self._validate([request.text])
-        started = time.monotonic()
+        tally = _WindowTally(time.monotonic())
         options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
         long_input = LongInput("chunk", window=request.window, stride=request.stride)
-        [document] = await self._split([request.text], long_input, self.bundle.manifest.tasks[task].window)
+        task_window = self.bundle.manifest.tasks[task].window
+        [document] = await self._split([request.text], long_input, task_window, tally)
         loop = asyncio.get_running_loop()
         # Sentence splitting (~0.6 ms a sentence) runs while the windows are encoded.
         spans_future = loop.run_in_executor(self._tokenize_pool, sentence_spans, request.text)
         windows = document.windows
         states: list[np.ndarray | None] = [None] * len(windows)
-        tally = _WindowTally(started)
-        deadline = started + self._timeout(options)
+        deadline = tally.started + self._timeout(options)
         try:
             async with contextlib.aclosing(
                 self._window_states([w.tokens for w in windows], options, deadline)
@@ -437,12 +438,13 @@ class Service:
         return self.limits.default_timeout_s if options.timeout_s is None else options.timeout_s
 
     async def _split(
-        self, texts: list[str], long_input: LongInput, task_window: int | None
+        self, texts: list[str], long_input: LongInput, task_window: int | None, tally: _WindowTally
     ) -> list[WindowedDocument]:
         loop = asyncio.get_running_loop()
         tokenize_started = time.monotonic()
         documents = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_documents, texts)
-        self.metrics.tokenize_seconds.observe(time.monotonic() - tokenize_started)
+        tally.tokenize_s = time.monotonic() - tokenize_started
+        self.metrics.tokenize_seconds.observe(tally.tokenize_s)
         out = []
         for index, document in enumerate(documents):
             if document.length > self.limits.max_document_tokens:
@@ -478,7 +480,7 @@ class Service:
         """Every text split by `long_input` (with `task`'s defaults) and all their windows read."""
         self._validate(texts)
         tally = _WindowTally(time.monotonic())
-        documents = await self._split(texts, long_input, self.bundle.manifest.tasks[task].window)
+        documents = await self._split(texts, long_input, self.bundle.manifest.tasks[task].window, tally)
         windows = [window.tokens for document in documents for window in document.windows]
         states: list[np.ndarray | None] = [None] * len(windows)
         deadline = tally.started + self._timeout(options)

@@ -84,6 +84,7 @@ def test_an_entity_across_a_window_border_is_found_once_with_its_offsets(
 
     response = client.post("/v1/ner", json={"inputs": text})
     assert response.status_code == 200, response.text
+    assert float(response.headers["x-tokenization-time"]) > 0
     result = response.json()["results"][0]
     assert result["usage"]["windows"] > 1 and result["usage"]["truncated_tokens"] == 0
     people = [e for e in result["entities"] if e["entity_group"] == "PER"]
