@@ -1,12 +1,12 @@
 """What the served encoder's attention pattern costs: the sparsity ratio of a sequence,
 1 - attended (query, key) pairs / n^2 over its n real tokens.
 
-For the bundle's declared pattern (engine/bundle.py AttentionSpec): dense attends to every pair
-(ratio 0); local+global attends to a band of `window` keys around each query plus every pair
-that involves one of `global_tokens` tokens. Global tokens are chosen per sequence by the model,
-so this counts them as if they sat outside the band (exact for the first-token [CLS] only; an
-upper bound on attended pairs otherwise, so a lower bound on sparsity). A runtime that measures
-its own attention mask can report the measured value instead.
+A sparse encoder measures it in its graph (the "sparsity" output), and that value is used. This
+is the fallback for encoders that do not, from the bundle's declared pattern (engine/bundle.py
+AttentionSpec): dense attends to every pair (ratio 0); local+global attends, per query, to the
+keys of its own and its two neighbouring blocks of `window` tokens plus the global tokens
+([CLS] + `global_tokens`, counted as if outside those blocks: an upper bound on attended pairs,
+so a lower bound on sparsity). Batches no longer than the pattern's dense limit are dense.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ from engine.bundle import AttentionSpec
 def sparsity_ratio(spec: AttentionSpec, length: int) -> float:
     if spec.kind == "dense" or spec.window is None or length <= 0:
         return 0.0
+    window = spec.window
+    dense_limit = spec.dense_up_to if spec.dense_up_to is not None else 2 * window
+    if length <= dense_limit:
+        return 0.0
     n = length
-    half = max(spec.window // 2, 0)
-    band = n + 2 * sum(n - d for d in range(1, min(half, n - 1) + 1))
-    globals_ = min(spec.global_tokens, n)
-    attended = min(n * n, band + 2 * globals_ * n - globals_ * globals_)
+    attended = 0
+    for start in range(0, n, window):
+        queries = min(window, n - start)
+        keys = min(n, start + 2 * window) - max(0, start - window)
+        attended += queries * min(n, keys + 1 + spec.global_tokens)
     return 1.0 - attended / (n * n)

@@ -23,7 +23,7 @@ from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import Batch, BatchLimits, BatchQueue, Priority, QueuedItem
 from engine.runtime.affinity import lower_thread_priority, pin_current_thread
-from engine.runtime.base import EncoderRuntime, pad_batch
+from engine.runtime.base import EncoderRuntime, RuntimeOutput, pad_batch
 from engine.tasks.heads import masked_mean
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class EncodedInput:
     queue_s: float  # from submission to the start of its batch
     inference_s: float  # its batch's encoder time
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # [labels] per pooled head
+    sparsity: float | None = None  # its attention sparsity ratio, where the encoder measures it
 
 
 # Heads on pooled states, run per batch on the runtime's thread: pooled [batch, hidden] ->
@@ -77,6 +78,7 @@ class _BatchOutput:
     logits: dict[str, np.ndarray]  # [batch, labels] per head
     seconds: float
     started: float
+    sparsity: np.ndarray | None  # [batch]
 
 
 @dataclass(slots=True)
@@ -314,10 +316,12 @@ class Batcher:
                 max_len = max(item.length for item in live)
                 worker.running_since, worker.running = time.monotonic(), batch
                 try:
-                    states, seconds = _encode(worker.runtime, [item.payload.ids for item in live], max_len)
+                    (states, sparsity), seconds = _encode(
+                        worker.runtime, [item.payload.ids for item in live], max_len
+                    )
                     pooled = masked_mean(states, [item.length for item in live])
                     logits = self._pooled_heads(pooled) if self._pooled_heads is not None else {}
-                    outcome = _BatchOutput(states, pooled, logits, seconds, now)
+                    outcome = _BatchOutput(states, pooled, logits, seconds, now, sparsity)
                 except Exception as exc:  # handed to the loop, which fails the batch
                     outcome = exc
                 worker.running = None
@@ -354,6 +358,7 @@ class Batcher:
                             started - item.enqueued_at,
                             seconds,
                             {task: logits[row] for task, logits in outcome.logits.items()},
+                            None if outcome.sparsity is None else float(outcome.sparsity[row]),
                         )
                     )
         self._dispatch()
@@ -411,8 +416,8 @@ class Batcher:
         await asyncio.get_running_loop().run_in_executor(None, join_all)
 
 
-def _encode(runtime: EncoderRuntime, ids: list[np.ndarray], max_len: int) -> tuple[np.ndarray, float]:
+def _encode(runtime: EncoderRuntime, ids: list[np.ndarray], max_len: int) -> tuple[RuntimeOutput, float]:
     input_ids, attention_mask = pad_batch(ids, max_len)
     started = time.perf_counter()
-    states = runtime.encode(input_ids, attention_mask)
-    return states, time.perf_counter() - started
+    output = runtime.encode(input_ids, attention_mask)
+    return output, time.perf_counter() - started

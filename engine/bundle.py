@@ -41,9 +41,14 @@ class EncoderSpec:
 
 @dataclass(frozen=True)
 class AttentionSpec:
+    """The encoder's attention pattern (models/sparse_attention.py): "dense", or "local+global"
+    with blocks of `window` tokens and [CLS] + `global_tokens` salient tokens, for batches longer
+    than `dense_up_to` tokens (None: 2 x window, where the pattern stops being dense)."""
+
     kind: str = "dense"
     window: int | None = None
     global_tokens: int = 0
+    dense_up_to: int | None = None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic
@@ -198,6 +199,11 @@ def _char_span(tokens: TokenizedText) -> tuple[int, int]:
     return (real[0][0], real[-1][1]) if real else (0, 0)
 
 
+def _long_input_scope(long_input: LongInput) -> str:
+    """The part of a result's cache key that says how a long input was read."""
+    return f"{long_input.strategy}:{long_input.side}:w{long_input.window}:s{long_input.stride}"
+
+
 def _checked_states(value: bytes, length: int) -> np.ndarray:
     states = codec.decode_states(value)
     if states.shape[0] != length:
@@ -309,16 +315,23 @@ class Service:
             raise ValidationError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}")
 
         options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
-        read, tally = await self._read_texts(request.texts, request.long_input, task, options)
-        results = []
-        for text, document in zip(request.texts, read, strict=True):
-            tokens = document_as_input(document.windowed.document)
-            borders = window_borders(document.owner)
-            entities = classifier.entities(
-                text, tokens, document.token_states(), request.aggregation, borders
-            )
-            results.append(NerResult(entities, document.usage))
-        return Served(results, tally.timings(), tally.hits)
+
+        async def compute(texts: list[str]) -> Served[NerResult]:
+            read, tally = await self._read_texts(texts, request.long_input, task, options)
+            results = []
+            for text, document in zip(texts, read, strict=True):
+                tokens = document_as_input(document.windowed.document)
+                borders = window_borders(document.owner)
+                entities = classifier.entities(
+                    text, tokens, document.token_states(), request.aggregation, borders
+                )
+                results.append(NerResult(entities, document.usage))
+            return Served(results, tally.timings(), tally.hits)
+
+        scope = f"{task}:agg{request.aggregation}:{_long_input_scope(request.long_input)}"
+        return await self._cached_results(
+            request.texts, _ResultCodec(scope, codec.encode_ner, codec.decode_ner), options, compute
+        )
 
     async def embed(self, request: EmbedRequest) -> Served[EmbedResult]:
         self._validate(request.texts)
@@ -339,27 +352,39 @@ class Service:
         """Classification of documents read in windows: the task's aggregator pools the windows'
         states (attention weights where trained, else the mean) before its head."""
         assert request.long_input is not None
+        long_input = request.long_input
+        options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
+
+        async def compute(texts: list[str]) -> Served[ClassifyResult]:
+            read, tally = await self._read_texts(texts, long_input, task, options)
+            results = [self._classify_document(document, request, task, top_k) for document in read]
+            return Served(results, tally.timings(), tally.hits)
+
+        if request.return_windows:  # the cached form keeps the labels only
+            return await compute(request.texts)
+        scope = f"{task}:k{top_k}:raw{request.raw_scores:d}:{_long_input_scope(long_input)}"
+        decode = _ResultCodec(scope, codec.encode_classify, lambda _text, value: codec.decode_classify(value))
+        return await self._cached_results(request.texts, decode, options, compute)
+
+    def _classify_document(
+        self, document: _ReadDocument, request: ClassifyRequest, task: str, top_k: int
+    ) -> ClassifyResult:
         classifier = self.classifiers[task]
         aggregator = self.aggregators.get(task, WindowAggregator())
-        options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
-        read, tally = await self._read_texts(request.texts, request.long_input, task, options)
-        results = []
-        for document in read:
-            means = document.window_means()
-            weights = aggregator.weights(means)
-            labels = classifier.top_k(weights @ means, top_k, raw=request.raw_scores)
-            per_window = None
-            if request.return_windows:
-                per_window = [
-                    WindowScores(
-                        *_char_span(window.tokens),
-                        float(weight),
-                        classifier.top_k(mean, top_k, raw=request.raw_scores),
-                    )
-                    for window, weight, mean in zip(document.windowed.windows, weights, means, strict=True)
-                ]
-            results.append(ClassifyResult(labels, document.usage, per_window))
-        return Served(results, tally.timings(), tally.hits)
+        means = document.window_means()
+        weights = aggregator.weights(means)
+        labels = classifier.top_k(weights @ means, top_k, raw=request.raw_scores)
+        per_window = None
+        if request.return_windows:
+            per_window = [
+                WindowScores(
+                    *_char_span(window.tokens),
+                    float(weight),
+                    classifier.top_k(mean, top_k, raw=request.raw_scores),
+                )
+                for window, weight, mean in zip(document.windowed.windows, weights, means, strict=True)
+            ]
+        return ClassifyResult(labels, document.usage, per_window)
 
     async def summarize(self, request: SummarizeRequest) -> Served[SummarizeResult]:
         result: Served[SummarizeResult] | None = None
@@ -544,7 +569,7 @@ class Service:
                     index = in_flight.pop(future)
                     queued_tokens -= windows[index].length
                     output = future.result()
-                    sparsity.observe(sparsity_ratio(self.bundle.manifest.attention, windows[index].length))
+                    sparsity.observe(self._sparsity(output, windows[index].length))
                     yield index, output.states, output
         finally:
             for future in in_flight:
@@ -562,31 +587,46 @@ class Service:
         options: _Options,
     ) -> Served[R]:
         """Cached results where there are, the encoder and `head` for the rest."""
+
+        async def compute(missing: list[str]) -> Served[R]:
+            started = time.monotonic()
+            encoded = await self._encode(missing, options, started)
+            results = [head(text, item) for text, item in zip(missing, encoded.items, strict=True)]
+            return Served(results, encoded.timings(started), encoded.cache_hits)
+
+        return await self._cached_results(texts, results_codec, options, compute)
+
+    async def _cached_results(
+        self,
+        texts: list[str],
+        results_codec: _ResultCodec[R],
+        options: _Options,
+        compute: Callable[[list[str]], Awaitable[Served[R]]],
+    ) -> Served[R]:
+        """The result cache in front of `compute`, which runs on the texts it does not hold."""
         self._validate(texts)
-        started = time.monotonic()
         pool = self.cache if options.cache else None
-        results: list[R | None] = [None] * len(texts)
-        keys: list[str] = []
-        if pool is not None:
-            keys = [pool.keys.result(results_codec.scope, text) for text in texts]
-            results = await pool.get_many(
-                keys, "result", lambda index, value: results_codec.decode(texts[index], value)
-            )
+        if pool is None:
+            return await compute(texts)
+        started = time.monotonic()
+        keys = [pool.keys.result(results_codec.scope, text) for text in texts]
+        results = await pool.get_many(
+            keys, "result", lambda index, value: results_codec.decode(texts[index], value)
+        )
         missing = [index for index, result in enumerate(results) if result is None]
         if not missing:
             return Served(
                 [r for r in results if r is not None], Timings(time.monotonic() - started), len(texts)
             )
-        encoded = await self._encode([texts[i] for i in missing], options, started)
-        for index, item in zip(missing, encoded.items, strict=True):
-            results[index] = head(texts[index], item)
-        if pool is not None:
-            pool.put_many(
-                [(keys[i], results_codec.encode(result)) for i in missing if (result := results[i])],
-                "result",
-            )
-        hits = len(texts) - len(missing) + encoded.cache_hits
-        return Served([r for r in results if r is not None], encoded.timings(started), hits)
+        served = await compute([texts[i] for i in missing])
+        for index, result in zip(missing, served.results, strict=True):
+            results[index] = result
+        pool.put_many(
+            [(keys[i], results_codec.encode(served.results[n])) for n, i in enumerate(missing)], "result"
+        )
+        timings = dataclasses.replace(served.timings, total_s=time.monotonic() - started)
+        hits = len(texts) - len(missing) + served.cache_hits
+        return Served([r for r in results if r is not None], timings, hits)
 
     def unready_reason(self) -> str | None:
         """Why this service cannot take new work now, or None."""
@@ -654,8 +694,8 @@ class Service:
                     future.cancel()  # a no-op for finished ones; frees queue slots for the rest
             computed = dict(zip(waiting, outputs, strict=True))
             sparsity = self.metrics.attention_sparsity.labels(self.bundle.manifest.name)
-            for index in computed:
-                sparsity.observe(sparsity_ratio(self.bundle.manifest.attention, tokens[index].length))
+            for index, output in computed.items():
+                sparsity.observe(self._sparsity(output, tokens[index].length))
         else:
             computed = {}
         items = []
@@ -734,6 +774,12 @@ class Service:
                 future.cancel()  # a refused request leaves nothing behind in the queue or in flight
             raise
         return waiting
+
+    def _sparsity(self, output: EncodedInput, length: int) -> float:
+        """The ratio the encoder measured, else the one its declared pattern implies."""
+        if output.sparsity is not None:
+            return output.sparsity
+        return sparsity_ratio(self.bundle.manifest.attention, length)
 
     def _extender(self, work: asyncio.Future[EncodedInput]) -> Callable[[float], None]:
         return lambda deadline: self.batcher.extend_deadline(work, deadline)

@@ -147,9 +147,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
         "--suite",
-        choices=("batching", "cache", "documents", "all"),
+        choices=("batching", "cache", "documents", "attention", "all"),
         default="all",
-        help="which benchmark to run",
+        help="which benchmark to run (attention: sparse vs dense encoder speed; needs the [build] extra)",
     )
     parser.add_argument("--cache-requests", type=int, default=3000, help="requests per cache setup")
     parser.add_argument("--cache-concurrency", type=int, default=32)
@@ -164,6 +164,10 @@ def main(argv: list[str]) -> int:
         from loadtest.document_bench import run as documents_run
 
         documents_run(args.bundle, args.port)
+    if args.suite == "attention":  # exports four encoders (~2 min): asked for by name only
+        from models.attention_speed import main as attention_main
+
+        attention_main()
     return 0
 
 

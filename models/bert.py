@@ -1,19 +1,20 @@
 """A BERT encoder in plain torch, loading Hugging Face BERT weights one to one.
 
 Written here rather than taken from `transformers` so that the attention pattern is ours to
-change (the sparse local-window + global-token attention plugs in at `SelfAttention`) and so
-that the build needs no `transformers` install.
+change (the sparse local-window + global-token attention of models/sparse_attention.py plugs in
+at `SelfAttention`) and so that the build needs no `transformers` install.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from models.sparse_attention import dense_attention, pattern_attention
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,27 @@ class BertConfig:
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"unsupported hidden_act {raw['hidden_act']!r}")
         return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """window None: dense attention. Else local blocks of `window` tokens plus [CLS] and
+    `global_tokens` salient tokens (models/sparse_attention.py), for batches longer than
+    `dense_up_to` tokens (default 2 x window: below that the pattern is dense anyway)."""
+
+    window: int | None = None
+    global_tokens: int = 0
+    dense_up_to: int | None = None
+
+    @property
+    def dense_limit(self) -> int:
+        if self.window is None:
+            return 1 << 62
+        return self.dense_up_to if self.dense_up_to is not None else 2 * self.window
+
+    @property
+    def sparse(self) -> bool:
+        return self.window is not None
 
 
 class Embeddings(nn.Module):
@@ -56,10 +78,11 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.pattern = pattern
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
@@ -68,20 +91,25 @@ class SelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         return x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_mask [batch, seq] float (1 = real token) -> context, attended pairs per sequence."""
         q = self._split_heads(self.query(hidden))
         k = self._split_heads(self.key(hidden))
         v = self._split_heads(self.value(hidden))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        probs = torch.softmax(scores + additive_mask, dim=-1)
-        context = torch.matmul(probs, v).transpose(1, 2)
-        return context.reshape(hidden.shape)
+        if self.pattern.window is not None:
+            pattern = self.pattern
+            context, pairs = pattern_attention(
+                q, k, v, key_mask, pattern.window, pattern.global_tokens, pattern.dense_limit
+            )
+        else:
+            context, pairs = dense_attention(q, k, v, key_mask)
+        return context.transpose(1, 2).reshape(hidden.shape), pairs
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern) -> None:
         super().__init__()
-        self.self = SelfAttention(config)
+        self.self = SelfAttention(config, pattern)
         self.output = nn.ModuleDict(
             {
                 "dense": nn.Linear(config.hidden_size, config.hidden_size),
@@ -89,15 +117,15 @@ class AttentionBlock(nn.Module):
             }
         )
 
-    def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        attended = self.output["dense"](self.self(hidden, additive_mask))
-        return self.output["LayerNorm"](attended + hidden)
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, pairs = self.self(hidden, key_mask)
+        return self.output["LayerNorm"](self.output["dense"](context) + hidden), pairs
 
 
 class Layer(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern) -> None:
         super().__init__()
-        self.attention = AttentionBlock(config)
+        self.attention = AttentionBlock(config, pattern)
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.intermediate_size)})
         self.output = nn.ModuleDict(
             {
@@ -106,36 +134,60 @@ class Layer(nn.Module):
             }
         )
 
-    def forward(self, hidden: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        attended = self.attention(hidden, additive_mask)
+    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attended, pairs = self.attention(hidden, key_mask)
         expanded = nn.functional.gelu(self.intermediate["dense"](attended))
-        return self.output["LayerNorm"](self.output["dense"](expanded) + attended)
+        return self.output["LayerNorm"](self.output["dense"](expanded) + attended), pairs
 
 
 class BertEncoder(nn.Module):
     """input_ids, attention_mask [batch, seq] -> last hidden state [batch, seq, hidden]."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern | None = None) -> None:
         super().__init__()
         self.config = config
+        self.pattern = pattern or AttentionPattern()
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, self.pattern) for _ in range(config.num_hidden_layers))
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden state and each sequence's sparsity ratio: 1 - attended (query, key)
+        pairs / n^2 over its n real tokens, averaged over layers (global picks differ per layer)."""
+        key_mask = attention_mask.to(torch.float32)
+        hidden = self.embeddings(input_ids)
+        pairs = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        for layer in self.layers:
+            hidden, layer_pairs = layer(hidden, key_mask)
+            pairs = pairs + layer_pairs
+        real = key_mask.sum(dim=-1).clamp(min=1.0)
+        sparsity = 1.0 - pairs / len(self.layers) / (real * real)
+        return hidden, sparsity
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # [batch, 1, 1, seq]: masked keys get a large negative score.
-        additive_mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0
-        hidden = self.embeddings(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, additive_mask)
-        return hidden
+        return self.encode(input_ids, attention_mask)[0]
 
 
-def load_hf_bert(checkpoint_dir: Path) -> BertEncoder:
+class EncoderWithSparsity(nn.Module):
+    """The export form of a sparse encoder: (last_hidden_state, sparsity [batch])."""
+
+    def __init__(self, encoder: BertEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.encode(input_ids, attention_mask)
+
+
+def load_hf_bert(checkpoint_dir: Path, pattern: AttentionPattern | None = None) -> BertEncoder:
     """Build a BertEncoder from a Hugging Face BERT checkpoint directory (safetensors)."""
     from safetensors.torch import load_file
 
     config = BertConfig.from_json(checkpoint_dir / "config.json")
-    model = BertEncoder(config)
+    model = BertEncoder(config, pattern)
     state = load_file(str(checkpoint_dir / "model.safetensors"))
     renamed = {}
     for name, tensor in state.items():

@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from models.bert import BertEncoder
+from models.bert import BertEncoder, EncoderWithSparsity
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -21,19 +21,27 @@ QUANTIZATION = "onnxruntime dynamic, per-channel QInt8 weights, uint8 activation
 
 
 def export_onnx(model: BertEncoder, path: Path) -> None:
-    """Dynamic batch and sequence axes; inputs input_ids and attention_mask (int64)."""
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
+    """Dynamic batch and sequence axes; inputs input_ids and attention_mask (int64); outputs
+    last_hidden_state and, for a sparse encoder, each sequence's sparsity ratio [batch]."""
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]]) % model.config.vocab_size
     mask = (ids != 0).to(torch.int64)
     axes = {0: "batch", 1: "sequence"}
+    dynamic_axes = {name: axes for name in (*INPUT_NAMES, "last_hidden_state")}
+    module: torch.nn.Module = model
+    outputs = ["last_hidden_state"]
+    if model.pattern.sparse:
+        module = EncoderWithSparsity(model)
+        outputs.append("sparsity")
+        dynamic_axes["sparsity"] = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
         torch.onnx.export(
-            model,
+            module,
             (ids, mask),
             str(path),
             input_names=list(INPUT_NAMES),
-            output_names=["last_hidden_state"],
-            dynamic_axes={name: axes for name in (*INPUT_NAMES, "last_hidden_state")},
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
             opset_version=OPSET,
             dynamo=False,
         )

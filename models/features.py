@@ -23,7 +23,7 @@ def encode_all(
         chunk = order[start:end]
         max_len = tokens[chunk[-1]].length
         ids, mask = pad_batch([tokens[i].ids for i in chunk], max_len)
-        states = runtime.encode(ids, mask)
+        states = runtime.encode(ids, mask).states
         for row, i in enumerate(chunk):
             out[i] = states[row, : tokens[i].length].copy()
         start = end

@@ -14,6 +14,7 @@ from engine.batcher import Batcher
 from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
+from engine.runtime.base import RuntimeOutput
 
 
 class FakeRuntime:
@@ -30,7 +31,7 @@ class FakeRuntime:
         self.gate = threading.Event()
         self.gate.set()
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> RuntimeOutput:
         self.gate.wait(5)
         started = time.monotonic()
         self.shapes.append(input_ids.shape)
@@ -39,7 +40,7 @@ class FakeRuntime:
         self.spans.append((started, time.monotonic()))
         if self.fail:
             raise RuntimeError("engine on fire")
-        return (input_ids[:, :, None] * attention_mask[:, :, None]).astype(np.float32)
+        return RuntimeOutput((input_ids[:, :, None] * attention_mask[:, :, None]).astype(np.float32))
 
 
 def make_batcher(*runtimes: FakeRuntime, wide: FakeRuntime | None = None, **limits: float) -> Batcher:

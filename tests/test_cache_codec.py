@@ -63,7 +63,7 @@ def test_bfloat16_states_keep_every_label_on_real_text(bundle_dir: Path) -> None
     prob_shift, changed_tokens, tokens_total, changed_labels = 0.0, 0, 0, 0
     for tokens in tokenizer.encode_batch(texts):
         ids = tokens.ids[None, :]
-        states = runtime.encode(ids, np.ones_like(ids))[0]
+        states = runtime.encode(ids, np.ones_like(ids)).states[0]
         stored = codec.decode_states(codec.encode_states(states))
         exact, cached = sentiment.top_k(states.mean(0), 2), sentiment.top_k(stored.mean(0), 2)
         changed_labels += exact[0].label != cached[0].label

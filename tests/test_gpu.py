@@ -83,6 +83,6 @@ def test_cuda_runtime_matches_the_cpu_reference(bundle_dir: Path) -> None:
     model = bundle.path(bundle.manifest.encoders["int8"].file)
     ids = np.array([[101, 7592, 2088, 102, 0]], dtype=np.int64)
     mask = (ids > 0).astype(np.int64)
-    cpu = OnnxEncoderRuntime(model).encode(ids, mask)
-    cuda = OnnxEncoderRuntime(model, providers=providers_for("onnxruntime-cuda")).encode(ids, mask)
+    cpu = OnnxEncoderRuntime(model).encode(ids, mask).states
+    cuda = OnnxEncoderRuntime(model, providers=providers_for("onnxruntime-cuda")).encode(ids, mask).states
     assert np.abs(cpu - cuda)[mask.astype(bool)].max() < 0.05

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
+
+
+class RuntimeOutput(NamedTuple):
+    states: np.ndarray  # float32 [batch, seq, hidden]
+    # [batch]: each sequence's attention sparsity ratio, where the graph reports it (sparse encoders)
+    sparsity: np.ndarray | None = None
 
 
 class EncoderRuntime(Protocol):
     name: str
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """int64 [batch, seq] ids and mask -> float32 [batch, seq, hidden] states."""
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> RuntimeOutput:
+        """int64 [batch, seq] ids and mask -> states (and sparsity where the graph measures it)."""
         ...
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from engine.runtime.base import RuntimeOutput
 from engine.runtime.selection import RuntimeUnavailable
 
 
@@ -44,9 +45,9 @@ class OnnxEncoderRuntime:
                 f"{', '.join(self._session.get_providers())}); check the CUDA and cuDNN libraries"
             )
         self.name = name
+        produced = {output.name for output in self._session.get_outputs()}
+        self._outputs = ["last_hidden_state", *(["sparsity"] if "sparsity" in produced else [])]
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        (hidden,) = self._session.run(
-            ["last_hidden_state"], {"input_ids": input_ids, "attention_mask": attention_mask}
-        )
-        return np.asarray(hidden)
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> RuntimeOutput:
+        outputs = self._session.run(self._outputs, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return RuntimeOutput(np.asarray(outputs[0]), np.asarray(outputs[1]) if len(outputs) > 1 else None)

@@ -1,0 +1,154 @@
+"""The sparse-attention encoder (models/sparse_attention.py): exact at full window, equal to a
+brute-force masked reference below it, and the same in ONNX Runtime as in torch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from models.bert import AttentionPattern, BertConfig, BertEncoder
+from models.export import export_onnx
+from models.sparse_attention import dense_attention, local_global_attention, salient_tokens
+
+TINY = BertConfig(
+    vocab_size=200,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+)
+
+
+def _tiny(pattern: AttentionPattern) -> BertEncoder:
+    torch.manual_seed(0)
+    model = BertEncoder(TINY, pattern)
+    for parameter in model.parameters():  # random weights, not the near-uniform default init
+        torch.nn.init.normal_(parameter, std=0.3)
+    return model.eval()
+
+
+def _batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    ids = torch.randint(1, TINY.vocab_size, (len(lengths), longest), generator=generator)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids * mask, mask
+
+
+def test_a_window_as_long_as_the_input_is_dense_attention_exactly() -> None:
+    ids, mask = _batch([37, 20, 5])
+    dense = _tiny(AttentionPattern())
+    sparse = _tiny(AttentionPattern(window=40, global_tokens=3))
+    dense_hidden, dense_sparsity = dense.encode(ids, mask)
+    sparse_hidden, sparse_sparsity = sparse.encode(ids, mask)
+    real = mask.bool()
+    assert torch.allclose(dense_hidden[real], sparse_hidden[real], atol=1e-5)
+    assert torch.allclose(sparse_sparsity, torch.zeros(3), atol=1e-6)
+    assert torch.allclose(dense_sparsity, torch.zeros(3), atol=1e-6)
+
+
+def test_the_blocked_form_alone_is_dense_at_full_window_too() -> None:
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 13, 8) for _ in range(3))
+    key_mask = torch.ones(2, 13)
+    key_mask[1, 9:] = 0.0
+    context, pairs = local_global_attention(q, k, v, key_mask, 13, 4)
+    expected, expected_pairs = dense_attention(q, k, v, key_mask)
+    real = key_mask.bool()
+    assert torch.allclose(context.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5)
+    assert torch.equal(pairs, expected_pairs)
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, window: int, globals_: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention under the pattern's explicit [query, key] mask, built from its definition."""
+    batch, _, length, dim = q.shape
+    indices, valid = salient_tokens(q, k, key_mask, globals_)
+    allowed = torch.zeros(batch, length, length, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(length):
+            for j in range(length):
+                allowed[b, i, j] = abs(i // window - j // window) <= 1
+            allowed[b, i, 0] = True
+            for index, ok in zip(indices[b].tolist(), valid[b].tolist(), strict=True):
+                if ok:
+                    allowed[b, i, index] = True
+    allowed &= key_mask.bool()[:, None, :]
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dim)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    context = torch.matmul(torch.softmax(scores, dim=-1), v)
+    pairs = (allowed & key_mask.bool()[:, :, None]).sum(dim=(1, 2)).to(torch.float32)
+    return context, pairs
+
+
+@pytest.mark.parametrize(
+    ("length", "window", "globals_", "sparse"),
+    [(23, 4, 3, True), (16, 4, 0, True), (30, 8, 2, True), (9, 3, 20, False)],  # 20 globals: all keys
+)
+def test_below_the_input_length_it_is_the_masked_pattern_it_claims(
+    length: int, window: int, globals_: int, sparse: bool
+) -> None:
+    torch.manual_seed(length)
+    q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
+    key_mask = torch.ones(2, length)
+    key_mask[1, length - 5 :] = 0.0  # the second sequence is padded
+    context, pairs = local_global_attention(q, k, v, key_mask, window, globals_)
+    expected, expected_pairs = _reference(q, k, v, key_mask, window, globals_)
+    real = key_mask.bool()
+    assert torch.allclose(context.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5)
+    assert torch.equal(pairs, expected_pairs)
+    assert bool((pairs[0] < length**2) == sparse)
+
+
+def test_globals_are_chosen_per_sequence_from_real_tokens_only() -> None:
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 2, 10, 4), torch.randn(2, 2, 10, 4)
+    key_mask = torch.ones(2, 10)
+    key_mask[1, 4:] = 0.0  # 4 real tokens: [CLS] + 3 candidates for 5 picks
+    indices, valid = salient_tokens(q, k, key_mask, 5)
+    assert valid[0].tolist() == [1.0] * 5
+    assert valid[1].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert sorted(indices[1, :3].tolist()) == [1, 2, 3]
+    assert 0 not in indices[0].tolist()
+
+
+def test_onnx_export_has_dynamic_axes_and_matches_torch(tmp_path: Path) -> None:
+    model = _tiny(AttentionPattern(window=8, global_tokens=2))
+    path = tmp_path / "sparse.onnx"
+    export_onnx(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sparsity"]
+    for lengths in ([5], [40, 17, 33], [64, 9], [100]):
+        ids, mask = _batch(lengths, seed=len(lengths))
+        hidden, sparsity = model.encode(ids, mask)
+        got_hidden, got_sparsity = session.run(
+            None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        )
+        real = mask.bool().numpy()
+        np.testing.assert_allclose(got_hidden[real], hidden.detach().numpy()[real], atol=1e-4)
+        np.testing.assert_allclose(got_sparsity, sparsity.detach().numpy(), atol=1e-5)
+    assert 0.3 < float(got_sparsity[0]) < 1.0  # 100 tokens in windows of 8: mostly skipped pairs
+
+
+def test_below_dense_up_to_a_batch_takes_the_dense_branch_in_onnx(tmp_path: Path) -> None:
+    model = _tiny(AttentionPattern(window=8, global_tokens=2, dense_up_to=50))
+    export_onnx(model, tmp_path / "sparse.onnx")
+    session = ort.InferenceSession(str(tmp_path / "sparse.onnx"), providers=["CPUExecutionProvider"])
+    dense = _tiny(AttentionPattern())
+    for length, sparse in ((50, False), (51, True)):
+        ids, mask = _batch([length])
+        hidden, sparsity = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        assert (float(sparsity[0]) > 0.3) == sparse
+        if not sparse:
+            np.testing.assert_allclose(hidden, dense(ids, mask).detach().numpy(), atol=1e-4)
