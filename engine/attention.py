@@ -28,3 +28,12 @@ def sparsity_ratio(spec: AttentionSpec, length: int) -> float:
         keys = min(n, start + 2 * window) - max(0, start - window)
         attended += queries * min(n, keys + 1 + spec.global_tokens)
     return 1.0 - attended / (n * n)
+
+
+def attention_boundaries(spec: AttentionSpec) -> tuple[int, ...]:
+    """Batch lengths where the encoder's computation changes: up to its dense limit a batch
+    takes the dense branch, past it the sparse one. Past 2 x window the two differ, so the
+    batcher must not mix inputs from both sides (engine/queue.py BatchLimits)."""
+    if spec.kind == "dense" or spec.window is None or spec.dense_up_to is None:
+        return ()
+    return (spec.dense_up_to,) if spec.dense_up_to > 2 * spec.window else ()

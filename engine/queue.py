@@ -81,6 +81,10 @@ class BatchLimits:
     max_queue_items: int = 256
     max_queue_tokens: int = 65536  # real tokens waiting
     max_wait_s: float = 0.0  # hold a batch that is not yet full for at most this long
+    # No batch holds inputs on both sides of a boundary: lengths where the encoder's computation
+    # changes with the batch's length (sparse attention takes its dense branch up to a length),
+    # so an input's result never depends on the batch it lands in.
+    length_boundaries: tuple[int, ...] = ()
 
 
 class BatchQueue(Generic[T]):
@@ -187,6 +191,9 @@ class BatchQueue(Generic[T]):
             longest = lengths[end - 1]
             for size in range(1, min(limits.max_batch_size, end) + 1):
                 if size > 1 and size * longest > limits.max_batch_tokens:
+                    break
+                shortest = lengths[end - size]
+                if any(shortest <= boundary < longest for boundary in limits.length_boundaries):
                     break
                 total = best[end - size] + predict(size, longest)
                 if total < best[end]:

@@ -8,6 +8,7 @@ at `SelfAttention`) and so that the build needs no `transformers` install.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.pattern = pattern
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
@@ -93,16 +95,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """key_mask [batch, seq] float (1 = real token) -> context, attended pairs per sequence."""
-        q = self._split_heads(self.query(hidden))
-        k = self._split_heads(self.key(hidden))
+        batch, seq_len, _ = hidden.shape
+        q = self._split_heads(self.query(hidden)) * self.scale
+        k_t = self.key(hidden).view(batch, seq_len, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
         v = self._split_heads(self.value(hidden))
         if self.pattern.window is not None:
             pattern = self.pattern
             context, pairs = pattern_attention(
-                q, k, v, key_mask, pattern.window, pattern.global_tokens, pattern.dense_limit
+                q, k_t, v, key_mask, pattern.window, pattern.global_tokens, pattern.dense_limit
             )
         else:
-            context, pairs = dense_attention(q, k, v, key_mask)
+            context, pairs = dense_attention(q, k_t, v, key_mask)
         return context.transpose(1, 2).reshape(hidden.shape), pairs
 
 

@@ -15,6 +15,8 @@ blocks that is the same result (every query sees both blocks), without the block
 overhead (measured 0.6-0.7x of dense speed there). The branch point can be set higher
 (`dense_up_to`): below it the model is dense by choice, because the blocked form only pays
 past some length (see models/attention_speed.py).
+Queries come scaled by 1/sqrt(head dim) (a constant of the traced caller: scaling inside the
+scripted branches made it a runtime value and cost ONNX Runtime its MatMul fusions there).
 TorchScript needs literal constants and explicit dtypes here: -10000.0 is BERT's own additive
 mask value, and the int64 casts keep the exported branches typed.
 
@@ -24,8 +26,6 @@ in its global choice).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch.nn import functional
@@ -49,11 +49,11 @@ def salient_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The `count` tokens (after [CLS]) the [CLS] query attends to most, averaged over heads.
 
-    query, key: [batch, heads, n, dim]; key_mask: [batch, n] (1 = real token).
+    query (scaled), key: [batch, heads, n, dim]; key_mask: [batch, n] (1 = real token).
     Returns indices [batch, count] and a validity mask [batch, count] (a short sequence has fewer
     candidates than `count`; its extra picks are invalid and point at token 0).
     """
-    scores = torch.matmul(query[:, :, :1, :], key.transpose(-1, -2)).squeeze(2) / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query[:, :, :1, :], key.transpose(-1, -2)).squeeze(2)
     weights = torch.softmax(scores + (1.0 - key_mask[:, None, :]) * -10000.0, dim=-1).mean(dim=1)
     candidate = key_mask.clone()
     candidate[:, 0] = 0.0  # [CLS] is always global
@@ -84,12 +84,11 @@ def local_global_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over its neighbourhood and the global keys.
 
-    query, key, value: [batch, heads, n, dim]; key_mask: [batch, n] float (1 = real token).
+    query (scaled), key, value: [batch, heads, n, dim]; key_mask: [batch, n] float (1 = real token).
     Returns the context [batch, heads, n, dim] and each sequence's attended pairs [batch] (over
     real queries and real keys; 1 - pairs / real^2 is its sparsity ratio).
     """
     batch, heads, length, dim = query.shape
-    scale = 1.0 / math.sqrt(dim)
     indices = torch.zeros(batch, 1, dtype=torch.int64, device=query.device)  # [CLS]
     valid = torch.ones(batch, 1, dtype=query.dtype, device=query.device)
     if global_tokens > 0:
@@ -114,9 +113,9 @@ def local_global_attention(
     outside = (global_block[:, None, :] - block_ids[None, :, None]).abs() > 1  # [batch, blocks, g]
     global_keys = valid[:, None, :] * outside.to(query.dtype)  # [batch, blocks, g]
 
-    local_scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [batch, heads, blocks, w, 3w]
+    local_scores = torch.matmul(q, k.transpose(-1, -2))  # [batch, heads, blocks, w, 3w]
     local_scores = local_scores + (1.0 - local_keys.transpose(-1, -2)) * -10000.0
-    global_scores = torch.matmul(q, global_key[:, :, None].transpose(-1, -2)) * scale  # [.., w, g]
+    global_scores = torch.matmul(q, global_key[:, :, None].transpose(-1, -2))  # [.., w, g]
     global_scores = global_scores + (1.0 - global_keys[:, None, :, None, :]) * -10000.0
     probs = torch.softmax(torch.cat([local_scores, global_scores], dim=-1), dim=-1)
     local_probs, global_probs = probs[..., : 3 * window], probs[..., 3 * window :]
@@ -130,10 +129,11 @@ def local_global_attention(
 
 
 def dense_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
+    query: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query over every real key; the same (context, attended pairs) contract."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+    """Every query over every real key; the same (context, attended pairs) contract. The keys
+    come transposed, [batch, heads, dim, n], straight from their projection (one transpose)."""
+    scores = torch.matmul(query, key_t)
     probs = torch.softmax(scores + (1.0 - key_mask[:, None, None, :]) * -10000.0, dim=-1)
     real = key_mask.sum(dim=-1)
     return torch.matmul(probs, value), real * real
@@ -142,7 +142,7 @@ def dense_attention(
 @torch.jit.script
 def pattern_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
+    key_t: torch.Tensor,
     value: torch.Tensor,
     key_mask: torch.Tensor,
     window: int,
@@ -150,7 +150,9 @@ def pattern_attention(
     dense_up_to: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """local_global_attention for batches longer than `dense_up_to` tokens, dense attention for
-    the others (exactly the pattern while dense_up_to <= 2 x window)."""
+    the others (exactly the pattern while dense_up_to <= 2 x window). Keys transposed, as for
+    dense_attention: the dense branch is the common one."""
     if query.shape[2] <= dense_up_to:
-        return dense_attention(query, key, value, key_mask)
+        return dense_attention(query, key_t, value, key_mask)
+    key = key_t.transpose(-1, -2)
     return local_global_attention(query, key, value, key_mask, window, global_tokens)

@@ -1,12 +1,14 @@
 """Fine-tuning and distillation of an encoder with a task head: one reusable training loop.
 
-`fine_tune` trains on hard labels; `distill` trains a student (e.g. the sparse-attention encoder)
-on a teacher's soft targets at a temperature plus the hard labels:
+`fine_tune` trains one shared encoder with a head per task on hard labels (a batch holds one
+task's examples; the tasks' batches are interleaved); given a `teacher`, it distils instead: the
+student (e.g. the sparse-attention encoder) learns the teacher's soft targets at a temperature
+plus the hard labels:
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
 
-Both show a progress bar, checkpoint after every epoch (model, optimizer, scheduler, RNG, the
-epoch) and resume from the last checkpoint when run again with the same directory.
+It shows a progress bar, checkpoints after every epoch (model, optimizer, scheduler, RNG, the
+epoch) and resumes from the last checkpoint when run again with the same directory.
 """
 
 from __future__ import annotations
@@ -33,26 +35,43 @@ IGNORE = -100  # label of positions that carry no loss (padding, special tokens,
 class Example:
     ids: np.ndarray  # int64 [length], special tokens included
     labels: np.ndarray  # int64: [length] for token tasks, [1] for sequence tasks
+    task: str = "task"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    num_labels: int
+    token_level: bool  # a label per token, else one per sequence (on the mean of its real tokens)
 
 
 class TaskModel(nn.Module):
-    """An encoder with a linear head: per token (`token_level`) or on the mean of real tokens."""
+    """A shared encoder with a linear head per task."""
 
-    def __init__(
-        self, encoder: BertEncoder, num_labels: int, token_level: bool, dropout: float = 0.1
-    ) -> None:
+    def __init__(self, encoder: BertEncoder, heads: dict[str, HeadSpec], dropout: float = 0.1) -> None:
         super().__init__()
         self.encoder = encoder
-        self.token_level = token_level
+        self.specs = heads
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(encoder.config.hidden_size, spec.num_labels) for name, spec in heads.items()}
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def single(
+        cls, encoder: BertEncoder, num_labels: int, token_level: bool, dropout: float = 0.1
+    ) -> TaskModel:
+        """One task, named "task" (the default of Example.task)."""
+        return cls(encoder, {"task": HeadSpec(num_labels, token_level)}, dropout)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str = "task"
+    ) -> torch.Tensor:
         hidden = self.encoder(input_ids, attention_mask)
-        if not self.token_level:
+        if not self.specs[task].token_level:
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             hidden = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(hidden))
+        logits: torch.Tensor = self.heads[task](self.dropout(hidden))
+        return logits
 
 
 @dataclass(frozen=True)
@@ -70,18 +89,20 @@ class TrainConfig:
 
 
 class Teacher(Protocol):
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str) -> torch.Tensor: ...
 
 
 def batches(examples: Sequence[Example], config: TrainConfig, rng: random.Random) -> list[list[int]]:
-    """Indices grouped by similar length under the token budget, in shuffled order."""
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), rng.random()))
+    """Indices of one task each, grouped by similar length under the token budget, shuffled."""
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].task, len(examples[i].ids), rng.random()))
     groups: list[list[int]] = []
     current: list[int] = []
     for index in order:
         longest = len(examples[index].ids)
         if current and (
-            (len(current) + 1) * longest > config.batch_tokens or len(current) >= config.max_batch
+            (len(current) + 1) * longest > config.batch_tokens
+            or len(current) >= config.max_batch
+            or examples[current[0]].task != examples[index].task
         ):
             groups.append(current)
             current = []
@@ -151,7 +172,7 @@ def fine_tune(
     """Train `model` on `examples`; with a `teacher`, distil it (see the module docstring)."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    head_params = list(model.head.parameters())
+    head_params = list(model.heads.parameters())
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
         [
@@ -169,11 +190,12 @@ def fine_tune(
         groups = batches(examples, config, rng)
         progress = tqdm(groups, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False)
         for group in progress:
-            ids, mask, labels = collate([examples[i] for i in group], model.token_level)
-            logits = model(ids, mask)
+            task = examples[group[0]].task
+            ids, mask, labels = collate([examples[i] for i in group], model.specs[task].token_level)
+            logits = model(ids, mask, task)
             if teacher is not None:
                 with torch.no_grad():
-                    soft = teacher(ids, mask)
+                    soft = teacher(ids, mask, task)
             else:
                 soft = logits.detach()
             loss = distillation_loss(logits, soft, labels, config.temperature, alpha)
@@ -240,10 +262,12 @@ def predict(model: TaskModel, examples: Sequence[Example], batch_tokens: int = 8
     with torch.no_grad():
         for group in batches([examples[i] for i in order], config, random.Random(0)):
             chosen = [order[i] for i in group]
-            ids, mask, _ = collate([examples[i] for i in chosen], model.token_level)
-            logits = model(ids, mask).numpy()
+            task = examples[chosen[0]].task
+            token_level = model.specs[task].token_level
+            ids, mask, _ = collate([examples[i] for i in chosen], token_level)
+            logits = model(ids, mask, task).numpy()
             for row, index in enumerate(chosen):
-                results[index] = logits[row, : len(examples[index].ids)] if model.token_level else logits[row]
+                results[index] = logits[row, : len(examples[index].ids)] if token_level else logits[row]
     for index in range(len(examples)):
         yield results[index]
 
@@ -260,9 +284,11 @@ def estimate_minutes(
     started = time.perf_counter()
     tokens = 0
     for group in groups[:sample]:
-        ids, mask, labels = collate([examples[i] for i in group], probe.token_level)
+        task = examples[group[0]].task
+        ids, mask, labels = collate([examples[i] for i in group], probe.specs[task].token_level)
         tokens += ids.numel()
-        loss = distillation_loss(probe(ids, mask), probe(ids, mask).detach(), labels, 1.0, 0.0)
+        logits = probe(ids, mask, task)
+        loss = distillation_loss(logits, logits.detach(), labels, 1.0, 0.0)
         optimizer.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
     seconds_per_token = (time.perf_counter() - started) / max(tokens, 1)

@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 from starlette.responses import Response
 
+from engine.attention import attention_boundaries
 from engine.batcher import Batcher
 from engine.bundle import Bundle, load_bundle
 from engine.cache.breaker import CircuitBreaker
@@ -108,6 +109,7 @@ def build_service(
         max_queue_items=settings.max_queue_items,
         max_queue_tokens=settings.max_queue_tokens,
         max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        length_boundaries=attention_boundaries(manifest.attention),
     )
     return Service(
         bundle=bundle,

@@ -53,6 +53,24 @@ def test_oldest_input_always_rides_the_next_batch() -> None:
     assert batch is not None and batch.items[0].payload == "long"
 
 
+def test_no_batch_crosses_a_length_boundary() -> None:
+    """Inputs of 380 and 390 tokens would share a batch, but 384 is where the encoder's
+    computation changes (its dense branch ends): each side is batched alone."""
+    queue: BatchQueue[str] = BatchQueue(BatchLimits(length_boundaries=(384,)), padded_cost_model())
+    for length, at in [(380, 0.0), (390, 0.1), (384, 0.2)]:
+        queue.put(item(length, at))
+    first = queue.next_batch(now=1.0).batch
+    second = queue.next_batch(now=1.0).batch
+    assert first is not None and second is not None
+    assert sorted(i.length for i in first.items) == [380, 384]
+    assert [i.length for i in second.items] == [390]
+    unbounded = make_queue()
+    for length, at in [(380, 0.0), (390, 0.1), (384, 0.2)]:
+        unbounded.put(item(length, at))
+    together = unbounded.next_batch(now=1.0).batch
+    assert together is not None and together.size == 3  # the boundary, not the cost, split them
+
+
 def test_token_budget_and_size_cap_bound_a_batch() -> None:
     queue = make_queue(max_batch_tokens=256, max_batch_size=4)
     for i in range(10):

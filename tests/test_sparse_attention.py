@@ -3,7 +3,6 @@ brute-force masked reference below it, and the same in ONNX Runtime as in torch.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +62,7 @@ def test_the_blocked_form_alone_is_dense_at_full_window_too() -> None:
     key_mask = torch.ones(2, 13)
     key_mask[1, 9:] = 0.0
     context, pairs = local_global_attention(q, k, v, key_mask, 13, 4)
-    expected, expected_pairs = dense_attention(q, k, v, key_mask)
+    expected, expected_pairs = dense_attention(q, k.transpose(-1, -2), v, key_mask)
     real = key_mask.bool()
     assert torch.allclose(context.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5)
     assert torch.equal(pairs, expected_pairs)
@@ -73,7 +72,7 @@ def _reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, window: int, globals_: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention under the pattern's explicit [query, key] mask, built from its definition."""
-    batch, _, length, dim = q.shape
+    batch, _, length, _ = q.shape
     indices, valid = salient_tokens(q, k, key_mask, globals_)
     allowed = torch.zeros(batch, length, length, dtype=torch.bool)
     for b in range(batch):
@@ -85,7 +84,7 @@ def _reference(
                 if ok:
                     allowed[b, i, index] = True
     allowed &= key_mask.bool()[:, None, :]
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(dim)
+    scores = torch.matmul(q, k.transpose(-1, -2))
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     context = torch.matmul(torch.softmax(scores, dim=-1), v)
     pairs = (allowed & key_mask.bool()[:, :, None]).sum(dim=(1, 2)).to(torch.float32)

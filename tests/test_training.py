@@ -12,7 +12,16 @@ import torch
 from torch.nn import functional
 
 from models.bert import AttentionPattern, BertConfig, BertEncoder
-from models.training import IGNORE, Example, TaskModel, TrainConfig, distillation_loss, fine_tune, predict
+from models.training import (
+    IGNORE,
+    Example,
+    HeadSpec,
+    TaskModel,
+    TrainConfig,
+    distillation_loss,
+    fine_tune,
+    predict,
+)
 
 TINY = BertConfig(
     vocab_size=40,
@@ -66,7 +75,7 @@ def test_the_loss_is_cross_entropy_without_a_teacher_and_ignores_unlabelled_posi
 
 def test_fine_tuning_learns_a_token_task_from_chance() -> None:
     train, held_out = _token_task(300, seed=1), _token_task(60, seed=2)
-    model = TaskModel(_encoder(), 2, token_level=True, dropout=0.0)
+    model = TaskModel.single(_encoder(), 2, token_level=True, dropout=0.0)
     before = _accuracy(model, held_out)
     fine_tune(model, train, CONFIG)
     after = _accuracy(model, held_out)
@@ -77,7 +86,7 @@ def test_fine_tuning_learns_a_token_task_from_chance() -> None:
 def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
     train = _token_task(120, seed=3)
     config = replace(CONFIG, epochs=2)
-    whole = fine_tune(TaskModel(_encoder(), 2, True, dropout=0.0), train, config)
+    whole = fine_tune(TaskModel.single(_encoder(), 2, True, dropout=0.0), train, config)
 
     class CutOff(Exception):
         pass
@@ -88,10 +97,14 @@ def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
 
     with pytest.raises(CutOff):
         fine_tune(
-            TaskModel(_encoder(), 2, True, dropout=0.0), train, config, tmp_path, cut_off_in_the_second_epoch
+            TaskModel.single(_encoder(), 2, True, dropout=0.0),
+            train,
+            config,
+            tmp_path,
+            cut_off_in_the_second_epoch,
         )
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epochs_done"] == 1
-    resumed = fine_tune(TaskModel(_encoder(seed=9), 2, True, dropout=0.0), train, config, tmp_path)
+    resumed = fine_tune(TaskModel.single(_encoder(seed=9), 2, True, dropout=0.0), train, config, tmp_path)
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -103,12 +116,14 @@ def test_distillation_pulls_a_sparse_student_towards_its_dense_teacher() -> None
         ids = rng.integers(3, TINY.vocab_size, size=int(rng.integers(30, 60))).astype(np.int64)
         ids[0] = 1
         examples.append(Example(ids, np.array([int(ids[1:].sum()) % 2])))  # labels barely matter here
-    teacher = TaskModel(_encoder(seed=5), 2, token_level=False, dropout=0.0).eval()
+    teacher = TaskModel.single(_encoder(seed=5), 2, token_level=False, dropout=0.0).eval()
     for parameter in teacher.parameters():
         torch.nn.init.normal_(parameter, std=0.2)
 
     def student() -> TaskModel:
-        return TaskModel(_encoder(AttentionPattern(window=4, global_tokens=2), seed=6), 2, False, dropout=0.0)
+        return TaskModel.single(
+            _encoder(AttentionPattern(window=4, global_tokens=2), seed=6), 2, False, dropout=0.0
+        )
 
     def gap(model: TaskModel) -> float:
         teacher_logits = np.stack(list(predict(teacher, examples)))
@@ -119,3 +134,20 @@ def test_distillation_pulls_a_sparse_student_towards_its_dense_teacher() -> None
     on_labels = fine_tune(student(), examples, CONFIG)
     assert gap(distilled) < 0.7 * before
     assert gap(distilled) < 0.7 * gap(on_labels)
+
+
+def test_one_encoder_learns_a_token_task_and_a_sequence_task_together() -> None:
+    tokens = _token_task(300, seed=7)
+    rng = np.random.default_rng(8)
+    sequences = []
+    for _ in range(300):
+        ids = rng.integers(3, TINY.vocab_size, size=int(rng.integers(4, 20))).astype(np.int64)
+        ids[0] = 1
+        sequences.append(Example(ids, np.array([int(5 in ids[1:])]), task="has-5"))
+    tagged = [Example(e.ids, e.labels, task="even") for e in tokens]
+    model = TaskModel(_encoder(), {"even": HeadSpec(2, True), "has-5": HeadSpec(2, False)}, dropout=0.0)
+    fine_tune(model, tagged[:250] + sequences[:250], replace(CONFIG, epochs=8))
+    assert _accuracy(model, tagged[250:]) > 0.95
+    predicted = np.stack(list(predict(model, sequences[250:]))).argmax(-1)
+    truth = np.array([int(e.labels[0]) for e in sequences[250:]])
+    assert (predicted == truth).mean() > 0.85
