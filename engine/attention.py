@@ -30,6 +30,15 @@ def sparsity_ratio(spec: AttentionSpec, length: int) -> float:
     return 1.0 - attended / (n * n)
 
 
+def attention_branch(spec: AttentionSpec, length: int) -> str:
+    """Which branch of the encoder reads an input of `length` tokens: "sparse" or "dense" (batches
+    never mix the two: attention_boundaries)."""
+    if spec.kind == "dense" or spec.window is None:
+        return "dense"
+    dense_limit = spec.dense_up_to if spec.dense_up_to is not None else 2 * spec.window
+    return "dense" if length <= dense_limit else "sparse"
+
+
 def attention_boundaries(spec: AttentionSpec) -> tuple[int, ...]:
     """Batch lengths where the encoder's computation changes: up to its dense limit a batch
     takes the dense branch, past it the sparse one. Past 2 x window the two differ, so the

@@ -51,9 +51,10 @@ class EngineMetrics:
         )
         self.attention_sparsity = histogram(
             "attention_sparsity_ratio",
-            "1 - attended pairs / n^2 of each encoded input's attention, by model (bundle).",
+            "1 - attended pairs / n^2 of each encoded input's attention, by model (bundle) and the "
+            "encoder branch that read it (dense: short batches of a sparse model, or a dense model).",
             SPARSITY_BUCKETS,
-            ("model",),
+            ("model", "branch"),
         )
         self.stream_first_event = histogram(
             "stream_first_event_seconds",

@@ -14,7 +14,7 @@ from typing import Generic
 import numpy as np
 from prometheus_client import Histogram
 
-from engine.attention import sparsity_ratio
+from engine.attention import attention_branch, sparsity_ratio
 from engine.batcher import Batcher, EncodedInput
 from engine.bundle import Bundle, TaskKind
 from engine.cache import codec
@@ -539,7 +539,6 @@ class Service:
         budget = self.limits.document_tokens_in_flight
         first = _within_budget([windows[i] for i in missing], budget)
         self._admit([windows[i] for i in missing], deadline, options.priority, first_queued=first)
-        sparsity = self.metrics.attention_sparsity.labels(self.bundle.manifest.name)
         in_flight: dict[asyncio.Future[EncodedInput], int] = {}
         queued_tokens = 0
         next_missing = 0
@@ -569,7 +568,7 @@ class Service:
                     index = in_flight.pop(future)
                     queued_tokens -= windows[index].length
                     output = future.result()
-                    sparsity.observe(self._sparsity(output, windows[index].length))
+                    self._observe_sparsity(output, windows[index].length)
                     yield index, output.states, output
         finally:
             for future in in_flight:
@@ -693,9 +692,8 @@ class Service:
                 for future in waiting.values():
                     future.cancel()  # a no-op for finished ones; frees queue slots for the rest
             computed = dict(zip(waiting, outputs, strict=True))
-            sparsity = self.metrics.attention_sparsity.labels(self.bundle.manifest.name)
             for index, output in computed.items():
-                sparsity.observe(self._sparsity(output, tokens[index].length))
+                self._observe_sparsity(output, tokens[index].length)
         else:
             computed = {}
         items = []
@@ -775,11 +773,13 @@ class Service:
             raise
         return waiting
 
-    def _sparsity(self, output: EncodedInput, length: int) -> float:
+    def _observe_sparsity(self, output: EncodedInput, length: int) -> None:
         """The ratio the encoder measured, else the one its declared pattern implies."""
-        if output.sparsity is not None:
-            return output.sparsity
-        return sparsity_ratio(self.bundle.manifest.attention, length)
+        spec = self.bundle.manifest.attention
+        ratio = output.sparsity if output.sparsity is not None else sparsity_ratio(spec, length)
+        self.metrics.attention_sparsity.labels(
+            self.bundle.manifest.name, attention_branch(spec, length)
+        ).observe(ratio)
 
     def _extender(self, work: asyncio.Future[EncodedInput]) -> Callable[[float], None]:
         return lambda deadline: self.batcher.extend_deadline(work, deadline)

@@ -21,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench-results/locust"))
-    parser.add_argument("--p99-ms", type=float, default=500.0)
     parser.add_argument("--max-error-rate", type=float, default=0.01)
     parser.add_argument("--min-rps", type=float, default=50.0)
     args = parser.parse_args(argv)
@@ -49,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locust exited with {locust.returncode}")
         return locust.returncode
     return slo_check.main(
-        [str(args.out / "run"), "--p99-ms", str(args.p99_ms), "--max-error-rate", str(args.max_error_rate),
-         "--min-rps", str(args.min_rps)]
-    )  # fmt: skip
+        [str(args.out / "run"), "--max-error-rate", str(args.max_error_rate), "--min-rps", str(args.min_rps)]
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ LENGTHS = (128, 256, 384, 512)
 PATTERNS = (
     AttentionPattern(),
     AttentionPattern(window=32, global_tokens=8),
-    AttentionPattern(window=64, global_tokens=8),
-    AttentionPattern(window=32, global_tokens=8, dense_up_to=384),
+    AttentionPattern(window=16, global_tokens=8),
+    AttentionPattern(window=16, global_tokens=8, dense_up_to=384),
 )
 
 

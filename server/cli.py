@@ -29,7 +29,7 @@ def serve(argv: list[str]) -> int:
         if settings.bundle.resolve() != DEFAULT_BUNDLE.resolve():
             print(f"error: no bundle at {settings.bundle}", file=sys.stderr)
             return 2
-        print(f"no bundle at {settings.bundle}: building it from the packaged model (a few minutes)")
+        print(f"no bundle at {settings.bundle}: building it from the packaged model (~35 min on 2 cores)")
         if build(["--out", str(settings.bundle)]) != 0:
             return 1
     try:
@@ -51,7 +51,12 @@ def build(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sparsebert build", description="Build a model bundle.")
     parser.add_argument("--out", type=Path, default=DEFAULT_BUNDLE, help="bundle directory to write")
     parser.add_argument("--cache", type=Path, default=Path(".cache"), help="work and data cache")
-    parser.add_argument("--limit", type=int, default=None, help="cap each training set (quick builds)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="cap every training and evaluation set (quick builds, tests of the pipeline)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow-failed-gates", action="store_true", help="write the bundle anyway")
     args = parser.parse_args(argv)

@@ -96,6 +96,25 @@ def test_a_text_encoded_for_one_task_is_not_encoded_again_for_another(
             assert abs(cached_spans[span] - score) < 0.01, span
 
 
+def test_ner_and_chunked_classification_results_are_cached_per_long_input_policy(
+    replicas: tuple[httpx.Client, httpx.Client],
+) -> None:
+    a, _ = replicas
+    text = unique("Angela Merkel met Emmanuel Macron in Paris. " * 40)  # ~480 tokens: several windows
+    results = metric(a, "sparsebert_cache_lookups_total", tier="l1", kind="result", result="hit")
+    first = a.post("/v1/ner", json={"inputs": text})
+    again = a.post("/v1/ner", json={"inputs": text})
+    assert again.json() == first.json() and float(again.headers["x-inference-time"]) == 0
+    assert metric(a, "sparsebert_cache_lookups_total", tier="l1", kind="result", result="hit") == results + 1
+    # Another policy is another result: read in 128-token windows, not the cached default's.
+    other = a.post("/v1/ner", json={"inputs": text, "long_input": {"strategy": "chunk", "window": 128}})
+    assert other.json()["results"][0]["usage"]["windows"] != first.json()["results"][0]["usage"]["windows"]
+    body = {"inputs": text, "model": "topic", "long_input": "chunk"}
+    topic = a.post("/v1/classify", json=body)
+    assert a.post("/v1/classify", json=body).json() == topic.json()
+    assert metric(a, "sparsebert_cache_lookups_total", tier="l1", kind="result", result="hit") == results + 2
+
+
 def test_identical_concurrent_requests_run_the_encoder_once(
     replicas: tuple[httpx.Client, httpx.Client],
 ) -> None:

