@@ -69,7 +69,7 @@ fuzz: $(STAMP) bundle
 	  --hypothesis-seed=0 -p no:cacheprovider
 
 ## train: rebuild the default bundle (pinned packages, seed 0): fine-tune the dense teacher, distil
-## the sparse student, quantize, gate. ~35 min on 2 cores; prints its estimates; an interrupted run
+## the sparse student, quantize, gate. ~40 min on 2 cores; prints its estimates; an interrupted run
 ## resumes from its last epoch (checkpoints in .cache/build)
 train: $(STAMP)
 	$(BIN)/sparsebert build --out $(BUNDLE)

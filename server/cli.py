@@ -29,7 +29,7 @@ def serve(argv: list[str]) -> int:
         if settings.bundle.resolve() != DEFAULT_BUNDLE.resolve():
             print(f"error: no bundle at {settings.bundle}", file=sys.stderr)
             return 2
-        print(f"no bundle at {settings.bundle}: building it from the packaged model (~35 min on 2 cores)")
+        print(f"no bundle at {settings.bundle}: building it from the packaged model (~40 min on 2 cores)")
         if build(["--out", str(settings.bundle)]) != 0:
             return 1
     try:
