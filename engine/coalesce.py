@@ -19,6 +19,7 @@ T = TypeVar("T")
 class _Flight(Generic[T]):
     work: asyncio.Future[T]
     extend: Callable[[float], None] | None
+    retain: bool = False
     waiters: set[asyncio.Future[T]] = field(default_factory=set)
 
 
@@ -33,18 +34,33 @@ class InFlight(Generic[T]):
         """A new waiter on the work in flight under `key`, or None if there is none. The work's
         deadline is extended to the latest of its waiters' (each waiter keeps its own)."""
         flight = self._flights.get(key)
-        if flight is None or flight.work.done():  # done: its callbacks are about to remove it
+        if flight is None:
             return None
+        if flight.work.done():
+            # Retained after success until its result is stored (see `start`); otherwise its
+            # callbacks are about to remove it.
+            if not flight.retain or flight.work.cancelled() or flight.work.exception() is not None:
+                return None
+            finished: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            finished.set_result(flight.work.result())
+            return finished
         if flight.extend is not None:
             flight.extend(deadline)
         return self._waiter(flight)
 
     def start(
-        self, key: str, work: asyncio.Future[T], extend: Callable[[float], None] | None = None
+        self,
+        key: str,
+        work: asyncio.Future[T],
+        extend: Callable[[float], None] | None = None,
+        retain: bool = False,
     ) -> asyncio.Future[T]:
         """Register `work` under `key` and return the first waiter on it. `extend(deadline)`
-        pushes the work's own deadline back when a later waiter joins."""
-        flight = _Flight(work, extend)
+        pushes the work's own deadline back when a later waiter joins. `retain`: once it has
+        succeeded, keep serving its result to new callers until `forget(key)` (the caller stores
+        it in a cache meanwhile: without this, a caller arriving between the two would compute
+        it again)."""
+        flight = _Flight(work, extend, retain)
         self._flights[key] = flight
         work.add_done_callback(lambda _: self._finish(key, flight))
         return self._waiter(flight)
@@ -60,8 +76,15 @@ class InFlight(Generic[T]):
         if waiter.cancelled() and not flight.waiters and not flight.work.done():
             flight.work.cancel()
 
+    def forget(self, key: str) -> None:
+        """Stop serving the finished work under `key` (no-op for work still running)."""
+        flight = self._flights.get(key)
+        if flight is not None and flight.work.done():
+            del self._flights[key]
+
     def _finish(self, key: str, flight: _Flight[T]) -> None:
-        if self._flights.get(key) is flight:
+        succeeded = not flight.work.cancelled() and flight.work.exception() is None
+        if self._flights.get(key) is flight and not (flight.retain and succeeded):
             del self._flights[key]
         for waiter in list(flight.waiters):
             if waiter.done():

@@ -764,7 +764,10 @@ class Service:
                 work = self.batcher.submit(tokens[index].ids, deadline, priority, admitted)
                 if pool is not None:
                     work.add_done_callback(self._store_states(pool, keys[index]))
-                waiting[index] = work if inflight is None else inflight.start(key, work, self._extender(work))
+                if inflight is None:
+                    waiting[index] = work
+                else:  # with a cache, kept joinable until its states are stored (_store_states)
+                    waiting[index] = inflight.start(key, work, self._extender(work), retain=pool is not None)
             for index in repeats:
                 assert inflight is not None
                 waiting[index] = inflight.join(keys[index], deadline) or waiting[new[keys[index]]]
@@ -791,13 +794,24 @@ class Service:
         event loop it was the largest single cost of a cached server under load (12% of the loop)."""
 
         def stored(encoding: asyncio.Future[bytes]) -> None:
-            if not encoding.cancelled() and encoding.exception() is None:
-                pool.put_many([(key, encoding.result())], "states")
+            try:
+                if not encoding.cancelled() and encoding.exception() is None:
+                    pool.put_many([(key, encoding.result())], "states")
+            finally:
+                if self._inflight is not None:
+                    self._inflight.forget(key)  # the L1 now answers for it
 
         def store(work: asyncio.Future[EncodedInput]) -> None:
             if not work.cancelled() and work.exception() is None:
                 loop = asyncio.get_running_loop()
-                encoding = loop.run_in_executor(self._encode_pool, codec.encode_states, work.result().states)
+                try:
+                    encoding = loop.run_in_executor(
+                        self._encode_pool, codec.encode_states, work.result().states
+                    )
+                except RuntimeError:  # the pool is shut down: the server is stopping
+                    if self._inflight is not None:
+                        self._inflight.forget(key)
+                    return
                 encoding.add_done_callback(stored)
 
         return store

@@ -72,3 +72,28 @@ def test_errors_reach_every_waiter_and_joining_extends_the_deadline() -> None:
                 await waiter
 
     asyncio.run(run())
+
+
+def test_retained_work_answers_late_callers_until_forgotten_and_failures_are_never_retained() -> None:
+    """Between the work finishing and its result reaching the cache, a late caller joins the
+    finished work instead of computing it again."""
+
+    async def run() -> None:
+        inflight: InFlight[int] = InFlight()
+        loop = asyncio.get_running_loop()
+        work: asyncio.Future[int] = loop.create_future()
+        first = inflight.start("k", work, retain=True)
+        work.set_result(7)
+        assert await first == 7
+        late = inflight.join("k", 0.0)
+        assert late is not None and await late == 7
+        inflight.forget("k")
+        assert inflight.join("k", 0.0) is None and len(inflight) == 0
+        failing: asyncio.Future[int] = loop.create_future()
+        waiter = inflight.start("f", failing, retain=True)
+        failing.set_exception(RuntimeError("runtime on fire"))
+        with pytest.raises(RuntimeError):
+            await waiter
+        assert inflight.join("f", 0.0) is None and len(inflight) == 0
+
+    asyncio.run(run())
