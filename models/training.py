@@ -13,8 +13,10 @@ epoch) and resumes from the last checkpoint when run again with the same directo
 
 from __future__ import annotations
 
+import copy
 import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,10 +278,8 @@ def estimate_minutes(
     model: TaskModel, examples: Sequence[Example], config: TrainConfig, sample: int = 4
 ) -> float:
     """Minutes for the whole run, from timing a few real training steps (printed before training)."""
-    import time
-
     groups = batches(examples, config, random.Random(config.seed))
-    probe = copy_for_timing(model)
+    probe = copy.deepcopy(model)  # the timed steps must not touch the model's weights
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
     started = time.perf_counter()
     tokens = 0
@@ -294,9 +294,3 @@ def estimate_minutes(
     seconds_per_token = (time.perf_counter() - started) / max(tokens, 1)
     total_tokens = sum(len(g) * max(len(examples[i].ids) for i in g) for g in groups)
     return math.ceil(seconds_per_token * total_tokens * config.epochs / 60 * 10) / 10
-
-
-def copy_for_timing(model: TaskModel) -> TaskModel:
-    import copy
-
-    return copy.deepcopy(model)
