@@ -9,9 +9,9 @@ as long as the input there is one block and the result is dense attention exactl
 
 Only reshape, pad, matmul, softmax, topk and gather: the graph exports to ONNX with dynamic batch
 and length axes and runs in ONNX Runtime (and TensorRT). Cost per query is 3 x window + globals
-keys instead of n, so it pays once n is well past 3 x window. A batch no longer than the window
-takes the dense branch of an ONNX `If` (`pattern_attention`, scripted for that reason): up to two
-blocks that is the same result (every query sees both blocks), without the blocked form's
+keys instead of n, so it pays once n is well past 3 x window. A batch of at most two blocks
+(2 x window tokens) takes the dense branch of an ONNX `If` (`pattern_attention`, scripted for that
+reason): there that is the same result (every query sees both blocks), without the blocked form's
 overhead (measured 0.6-0.7x of dense speed there). The branch point can be set higher
 (`dense_up_to`): below it the model is dense by choice, because the blocked form only pays
 past some length (see models/attention_speed.py).
