@@ -15,12 +15,9 @@ from engine.bundle import AttentionSpec
 
 
 def sparsity_ratio(spec: AttentionSpec, length: int) -> float:
-    if spec.kind == "dense" or spec.window is None or length <= 0:
+    if attention_branch(spec, length) == "dense" or spec.window is None:
         return 0.0
     window = spec.window
-    dense_limit = spec.dense_up_to if spec.dense_up_to is not None else 2 * window
-    if length <= dense_limit:
-        return 0.0
     n = length
     attended = 0
     for start in range(0, n, window):
@@ -33,16 +30,15 @@ def sparsity_ratio(spec: AttentionSpec, length: int) -> float:
 def attention_branch(spec: AttentionSpec, length: int) -> str:
     """Which branch of the encoder reads an input of `length` tokens: "sparse" or "dense" (batches
     never mix the two: attention_boundaries)."""
-    if spec.kind == "dense" or spec.window is None:
-        return "dense"
-    dense_limit = spec.dense_up_to if spec.dense_up_to is not None else 2 * spec.window
-    return "dense" if length <= dense_limit else "sparse"
+    limit = spec.dense_limit
+    return "dense" if limit is None or length <= limit else "sparse"
 
 
 def attention_boundaries(spec: AttentionSpec) -> tuple[int, ...]:
     """Batch lengths where the encoder's computation changes: up to its dense limit a batch
     takes the dense branch, past it the sparse one. Past 2 x window the two differ, so the
     batcher must not mix inputs from both sides (engine/queue.py BatchLimits)."""
-    if spec.kind == "dense" or spec.window is None or spec.dense_up_to is None:
+    limit = spec.dense_limit
+    if limit is None or spec.window is None:
         return ()
-    return (spec.dense_up_to,) if spec.dense_up_to > 2 * spec.window else ()
+    return (limit,) if limit > 2 * spec.window else ()

@@ -50,6 +50,17 @@ class AttentionSpec:
     global_tokens: int = 0
     dense_up_to: int | None = None
 
+    @property
+    def sparse(self) -> bool:
+        return self.kind != "dense" and self.window is not None
+
+    @property
+    def dense_limit(self) -> int | None:
+        """The longest batch the encoder reads densely (None: every batch, a dense encoder)."""
+        if not self.sparse or self.window is None:
+            return None
+        return self.dense_up_to if self.dense_up_to is not None else 2 * self.window
+
 
 @dataclass(frozen=True)
 class Manifest:

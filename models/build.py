@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,12 @@ from models.encoder_training import (
     STUDENT_CONFIG,
     TEACHER_CONFIG,
     ner_labels,
-    to_numpy_head,
     train_encoders,
 )
 from models.evaluation import agreement, entity_f1, word_predictions
 from models.export import QUANTIZATION, export_onnx, ffn_down_projections, quantize_with_sensitivity
 from models.features import encode_all, mean_pooled
-from models.heads import train_mlp_head
+from models.heads import to_numpy_head, train_mlp_head
 from models.long_tasks import (
     WindowClassifier,
     baseline_scores,
@@ -378,12 +376,6 @@ def _attention_speed(checkpoint: Path) -> list[dict[str, Any]]:
         for row in rows
         if row.pattern.window is not None
     ]  # fmt: skip
-
-
-def _on_each(
-    runtimes: dict[str, OnnxEncoderRuntime], measure: Callable[[OnnxEncoderRuntime], float]
-) -> dict[str, float]:
-    return {name: measure(runtime) for name, runtime in runtimes.items()}
 
 
 def _build_topic(

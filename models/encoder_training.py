@@ -21,11 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.tasks.heads import MlpHead
 from engine.tokenization import TextTokenizer, TokenizedText
 from models.bert import AttentionPattern, BertEncoder, load_hf_bert
 from models.data import bbc, conll, sentiment
-from models.training import IGNORE, Example, HeadSpec, TaskModel, TrainConfig, estimate_minutes, fine_tune
+from models.training import (
+    IGNORE,
+    Example,
+    HeadSpec,
+    TaskModel,
+    TrainConfig,
+    collate,
+    estimate_minutes,
+    fine_tune,
+)
 
 # Chosen from `sparsebert bench --suite attention` on this 2-vCPU machine (INT8, ONNX Runtime, one
 # thread): the blocked form pays only past ~384 tokens; at 512, window 16 ran 1.2-1.5x dense and
@@ -76,12 +84,6 @@ def sequence_examples(tokens: list[TokenizedText], labels: list[int], task: str)
     return [Example(t.ids, np.array([label]), task) for t, label in zip(tokens, labels, strict=True)]
 
 
-def to_numpy_head(layer: torch.nn.Module) -> MlpHead:
-    assert isinstance(layer, torch.nn.Linear)
-    weight = layer.weight.detach().T.contiguous().numpy().astype(np.float32)
-    return MlpHead([(weight, layer.bias.detach().numpy().astype(np.float32))])
-
-
 def _cache_dir(work: Path, name: str, settings: dict[str, object]) -> Path:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return work / f"{name}-{digest}"
@@ -92,13 +94,7 @@ def _pooled(model: TaskModel, examples: list[Example]) -> torch.Tensor:
     out: list[torch.Tensor] = []
     with torch.no_grad():
         for start in range(0, len(examples), 8):
-            chunk = examples[start : start + 8]
-            longest = max(len(e.ids) for e in chunk)
-            ids = torch.zeros(len(chunk), longest, dtype=torch.int64)
-            mask = torch.zeros(len(chunk), longest, dtype=torch.int64)
-            for row, example in enumerate(chunk):
-                ids[row, : len(example.ids)] = torch.from_numpy(example.ids)
-                mask[row, : len(example.ids)] = 1
+            ids, mask, _ = collate(examples[start : start + 8], token_level=False)
             hidden = model.encoder(ids, mask)
             weights = mask.unsqueeze(-1).float()
             out.append((hidden * weights).sum(1) / weights.sum(1))

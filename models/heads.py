@@ -11,8 +11,9 @@ from torch import nn
 from engine.tasks.heads import MlpHead
 
 
-def to_numpy_head(model: nn.Sequential) -> MlpHead:
-    linears = [layer for layer in model if isinstance(layer, nn.Linear)]
+def to_numpy_head(model: nn.Module) -> MlpHead:
+    """The Linear layers of `model` (a Sequential of them with activations, or one Linear), in order."""
+    linears = [layer for layer in model.modules() if isinstance(layer, nn.Linear)]
     return MlpHead(
         [
             (layer.weight.detach().T.contiguous().numpy().astype(np.float32),

@@ -10,20 +10,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.bert import AttentionPattern, BertConfig, BertEncoder
+from models.bert import AttentionPattern, BertEncoder
 from models.export import export_onnx
 from models.sparse_attention import dense_attention, local_global_attention, salient_tokens
+from tests.tiny_bert import tiny_bert_config
 
-TINY = BertConfig(
-    vocab_size=200,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=128,
-    type_vocab_size=2,
-    layer_norm_eps=1e-12,
-)
+TINY = tiny_bert_config(vocab_size=200)
 
 
 def _tiny(pattern: AttentionPattern) -> BertEncoder:

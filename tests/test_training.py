@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional
 
-from models.bert import AttentionPattern, BertConfig, BertEncoder
+from models.bert import AttentionPattern, BertEncoder
 from models.training import (
     IGNORE,
     Example,
@@ -22,17 +22,9 @@ from models.training import (
     fine_tune,
     predict,
 )
+from tests.tiny_bert import tiny_bert_config
 
-TINY = BertConfig(
-    vocab_size=40,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=128,
-    type_vocab_size=2,
-    layer_norm_eps=1e-12,
-)
+TINY = tiny_bert_config(vocab_size=40)
 CONFIG = TrainConfig(epochs=6, lr=3e-3, head_lr=3e-3, batch_tokens=256, warmup=0.1)
 
 
