@@ -61,7 +61,7 @@ bench: $(STAMP) bundle
 ## loadtest: Locust, headless, against a local server on the default bundle; ends with an SLO check
 loadtest: $(STAMP) bundle
 	$(BIN)/pip install -q -e '.[loadtest]'
-	$(BIN)/python -m loadtest.locust_run --users 16 --seconds 30
+	$(BIN)/python -m loadtest.locust_run --users 18 --seconds 30
 
 ## fuzz: schemathesis with many more examples per route than CI runs, and the Unicode properties
 fuzz: $(STAMP) bundle

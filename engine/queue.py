@@ -32,6 +32,13 @@ PRIORITY_HEAD_START_S: dict[Priority, float] = {"high": 0.25, "normal": 0.0, "lo
 PRIORITY_QUEUE_SHARE: dict[Priority, float] = {"high": 1.1, "normal": 1.0, "low": 0.6}
 
 
+def demoted(priority: Priority) -> Priority:
+    """One level down (low stays low): the priority of a document's windows. Documents are
+    read in windows of hundreds of tokens under a looser latency objective than short
+    interactive inputs, which would otherwise wait behind them."""
+    return PRIORITIES[min(PRIORITIES.index(priority) + 1, len(PRIORITIES) - 1)]
+
+
 @dataclass(eq=False, slots=True)
 class QueuedItem(Generic[T]):
     length: int

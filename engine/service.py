@@ -34,7 +34,7 @@ from engine.documents import (
 )
 from engine.errors import DeadlineExceeded, NotReady, Overloaded, PayloadTooLarge, ValidationError
 from engine.metrics import EngineMetrics
-from engine.queue import Priority
+from engine.queue import Priority, demoted
 from engine.requests import (
     ClassifyRequest,
     ClassifyResult,
@@ -421,7 +421,8 @@ class Service:
             raise ValidationError("ratio must be in (0, 1]")
         self._validate([request.text])
         tally = _WindowTally(time.monotonic())
-        options = _Options(request.timeout_s, cache=request.cache, priority=request.priority)
+        # A summary is document work: its windows queue a level below interactive inputs.
+        options = _Options(request.timeout_s, cache=request.cache, priority=demoted(request.priority))
         long_input = LongInput("chunk", window=request.window, stride=request.stride)
         task_window = self.bundle.manifest.tasks[task].window
         [document] = await self._split([request.text], long_input, task_window, tally)
@@ -433,7 +434,9 @@ class Service:
         deadline = tally.started + self._timeout(options)
         try:
             async with contextlib.aclosing(
-                self._window_states([w.tokens for w in windows], options, deadline)
+                self._window_states(
+                    [w.tokens for w in windows], options, deadline, first_priority=request.priority
+                )
             ) as stream:
                 async for index, window_states, output in stream:
                     states[index] = window_states
@@ -508,6 +511,8 @@ class Service:
         self._refuse_early(len(texts), tally.started + self._timeout(options), options.priority)
         documents = await self._split(texts, long_input, self.bundle.manifest.tasks[task].window, tally)
         windows = [window.tokens for document in documents for window in document.windows]
+        if len(windows) > len(documents):  # documents read in windows queue as document work
+            options = dataclasses.replace(options, priority=demoted(options.priority))
         states: list[np.ndarray | None] = [None] * len(windows)
         deadline = tally.started + self._timeout(options)
         async with contextlib.aclosing(self._window_states(windows, options, deadline)) as stream:
@@ -525,10 +530,15 @@ class Service:
         return read, tally
 
     async def _window_states(
-        self, windows: list[TokenizedText], options: _Options, deadline: float
+        self,
+        windows: list[TokenizedText],
+        options: _Options,
+        deadline: float,
+        first_priority: Priority | None = None,
     ) -> AsyncGenerator[tuple[int, np.ndarray, EncodedInput | None], None]:
         """(index, states, the computation or None for a cache hit) of each window, as each is
-        ready. Windows are queued a few at a time; leaving the iteration cancels those queued."""
+        ready. Windows are queued a few at a time; leaving the iteration cancels those queued.
+        `first_priority`: the first window's, where it differs (a stream's first event)."""
         pool = self.cache if options.cache else None
         keys, found = await self._cached_states(windows, pool)
         for index, states in enumerate(found):
@@ -549,9 +559,8 @@ class Service:
                     not in_flight or queued_tokens + windows[missing[next_missing]].length <= budget
                 ):
                     index = missing[next_missing]
-                    futures = self._compute(
-                        [index], windows, keys, deadline, pool, options.priority, admitted=True
-                    )
+                    priority = first_priority if next_missing == 0 and first_priority else options.priority
+                    futures = self._compute([index], windows, keys, deadline, pool, priority, admitted=True)
                     in_flight[futures[index]] = index
                     queued_tokens += windows[index].length
                     next_missing += 1

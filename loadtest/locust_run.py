@@ -18,7 +18,7 @@ from loadtest.server_process import free_port, start_server, stop_server
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bundle", type=Path, default=Path("bundles/minilm-multitask"))
-    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--users", type=int, default=18)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench-results/locust"))
     parser.add_argument("--max-error-rate", type=float, default=0.01)

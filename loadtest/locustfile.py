@@ -22,7 +22,7 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()
 
 import grpc  # noqa: E402
-from locust import FastHttpUser, User, between, task  # noqa: E402
+from locust import FastHttpUser, User, constant_throughput, task  # noqa: E402
 
 from loadtest.workload import load_workload  # noqa: E402
 from models.data import bbc  # noqa: E402
@@ -34,6 +34,10 @@ ARTICLES = [article.text for article in bbc.load_splits()["test"]]
 GRPC_TARGET = os.environ.get("SPARSEBERT_GRPC_TARGET", "127.0.0.1:50051")
 POPULAR = TEXTS[:20]
 REPEAT_SHARE = float(os.environ.get("LOCUST_REPEAT_SHARE", "0.3"))
+# Each HTTP user paces itself to this rate (less when its requests take longer): the offered
+# load is set, not "as fast as the server answers", so the SLO is checked at a stated load.
+API_REQUESTS_PER_USER_S = float(os.environ.get("LOCUST_USER_RPS", "3.5"))
+STREAMS_PER_USER_S = float(os.environ.get("LOCUST_STREAMS_PER_USER_S", "1.0"))
 
 
 def pick(rng: random.Random) -> str:
@@ -45,7 +49,7 @@ def pick(rng: random.Random) -> str:
 
 class ApiUser(FastHttpUser):
     weight = 7
-    wait_time = between(0.0, 0.05)
+    wait_time = constant_throughput(API_REQUESTS_PER_USER_S)
 
     def on_start(self) -> None:
         self.rng = random.Random(id(self))
@@ -71,7 +75,7 @@ class GrpcStreamUser(User):
     own entries: "Summarize first event" and "Summarize stream" (the whole stream)."""
 
     weight = 1
-    wait_time = between(0.0, 0.2)
+    wait_time = constant_throughput(STREAMS_PER_USER_S)
 
     def on_start(self) -> None:
         self.rng = random.Random(id(self))

@@ -130,7 +130,8 @@ PriorityHeader = Header(
     "normal",
     alias="X-Priority",
     description="high | normal | low. Low is served after normal traffic up to 0.5 s older (then "
-    "in turn: never starved) and refused first when the queue fills; high the other way round.",
+    "in turn: never starved) and refused first when the queue fills; high the other way round. "
+    "A document read in windows queues one level lower (a summary's first window excepted).",
 )
 CacheControlHeader = Header(
     None, alias="Cache-Control", description="`no-cache` or `no-store`: compute afresh, store nothing."
