@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class EncodedInput:
     inference_s: float  # its batch's encoder time
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # [labels] per pooled head
     sparsity: float | None = None  # its attention sparsity ratio, where the encoder measures it
+    kept_attention_mass: float | None = None  # measured on sampled batches (AttentionVerification)
 
 
 # Heads on pooled states, run per batch on the runtime's thread: pooled [batch, hidden] ->
@@ -79,6 +81,20 @@ class _BatchOutput:
     seconds: float
     started: float
     sparsity: np.ndarray | None  # [batch]
+    kept_attention_mass: np.ndarray | None  # [batch], on verified batches
+
+
+@dataclass(frozen=True)
+class AttentionVerification:
+    """Which batches also measure the kept share of dense attention mass: a random `rate` of
+    those longer than `above_tokens` (the ones a sparse encoder reads in its blocked form; the
+    dense branch keeps all of it). A verified batch costs about a dense attention more."""
+
+    rate: float
+    above_tokens: int
+
+    def sample(self, batch: Batch[EncodeJob], rng: random.Random) -> bool:
+        return batch.max_len > self.above_tokens and rng.random() < self.rate
 
 
 @dataclass(slots=True)
@@ -110,13 +126,15 @@ class Batcher:
         on_fatal: Callable[[str], None] | None = None,
         hang_timeout_s: float = 60.0,
         fatal_after_failures: int = 3,
+        verification: AttentionVerification | None = None,
     ) -> None:
         """`cpus`: pin runtime thread i to cpus[i] (see engine/runtime/affinity.py).
         `wide`: a runtime using every core, for a lone batch on an idle machine.
         `on_fatal(reason)`: called once when a runtime is dead (`fatal_after_failures` batches in
         a row raised) or hung (one batch ran past `hang_timeout_s`, or 20x its predicted time if
         longer): every waiting input then fails at once with NotReady, and so does every later
-        submission, so no request hangs; the process should exit for its orchestrator to restart it."""
+        submission, so no request hangs; the process should exit for its orchestrator to restart it.
+        `verification`: the batches that also measure the sparse attention's kept mass (None: none)."""
         if not runtimes:
             raise ValueError("the batcher needs at least one runtime")
         self.latency = latency or LatencyModel()
@@ -136,6 +154,8 @@ class Batcher:
         self._wait_error = 1.0  # measured / predicted queue wait, smoothed
         self._watchdog: asyncio.Task[None] | None = None
         self.fatal: str | None = None  # why the runtimes can no longer serve, once they cannot
+        self._verification = verification
+        self._rng = random.Random()
 
     def set_pooled_heads(self, heads: PooledHeads) -> None:
         """Heads to run on each batch's pooled states (the service installs its classifiers)."""
@@ -268,6 +288,8 @@ class Batcher:
             self.metrics.batch_size.observe(batch.size)
             self.metrics.batch_tokens.observe(batch.padded_tokens)
             self.metrics.padding_ratio.observe(1.0 - batch.real_tokens / batch.padded_tokens)
+            if self._verification is not None:
+                batch.verify = self._verification.sample(batch, self._rng)
             if (
                 self._wide is not None
                 and not len(self.queue)
@@ -316,12 +338,12 @@ class Batcher:
                 max_len = max(item.length for item in live)
                 worker.running_since, worker.running = time.monotonic(), batch
                 try:
-                    (states, sparsity), seconds = _encode(
-                        worker.runtime, [item.payload.ids for item in live], max_len
+                    (states, sparsity, kept), seconds = _encode(
+                        worker.runtime, [item.payload.ids for item in live], max_len, batch.verify
                     )
                     pooled = masked_mean(states, [item.length for item in live])
                     logits = self._pooled_heads(pooled) if self._pooled_heads is not None else {}
-                    outcome = _BatchOutput(states, pooled, logits, seconds, now, sparsity)
+                    outcome = _BatchOutput(states, pooled, logits, seconds, now, sparsity, kept)
                 except Exception as exc:  # handed to the loop, which fails the batch
                     outcome = exc
                 worker.running = None
@@ -346,7 +368,8 @@ class Batcher:
             self._failures_in_a_row = 0
             states, seconds, started = outcome.states, outcome.seconds, outcome.started
             self.metrics.inference_seconds.observe(seconds)
-            if worker is not self._wide:  # the model is of the single-thread runtimes
+            # The model is of the single-thread runtimes, on batches that only encode.
+            if worker is not self._wide and outcome.kept_attention_mass is None:
                 max_len = states.shape[1]
                 self.metrics.prediction_error.observe(self.latency.observe(len(items), max_len, seconds))
             for row, item in enumerate(items):
@@ -359,6 +382,7 @@ class Batcher:
                             seconds,
                             {task: logits[row] for task, logits in outcome.logits.items()},
                             None if outcome.sparsity is None else float(outcome.sparsity[row]),
+                            _measured(outcome.kept_attention_mass, row),
                         )
                     )
         self._dispatch()
@@ -416,8 +440,17 @@ class Batcher:
         await asyncio.get_running_loop().run_in_executor(None, join_all)
 
 
-def _encode(runtime: EncoderRuntime, ids: list[np.ndarray], max_len: int) -> tuple[RuntimeOutput, float]:
+def _encode(
+    runtime: EncoderRuntime, ids: list[np.ndarray], max_len: int, verify: bool = False
+) -> tuple[RuntimeOutput, float]:
     input_ids, attention_mask = pad_batch(ids, max_len)
     started = time.perf_counter()
-    output = runtime.encode(input_ids, attention_mask)
+    output = runtime.encode(input_ids, attention_mask, verify)
     return output, time.perf_counter() - started
+
+
+def _measured(values: np.ndarray | None, row: int) -> float | None:
+    """One input's kept attention mass; negative means not measured (the graph's convention)."""
+    if values is None or values[row] < 0:
+        return None
+    return float(values[row])

@@ -15,6 +15,7 @@ TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Finer near the 85% alert threshold (deploy/prometheus/rules/sparsebert.yml).
 SPARSITY_BUCKETS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+KEPT_MASS_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0)
 ERROR_BUCKETS = (-1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
@@ -55,6 +56,13 @@ class EngineMetrics:
             "encoder branch that read it (dense: short batches of a sparse model, or a dense model).",
             SPARSITY_BUCKETS,
             ("model", "branch"),
+        )
+        self.attention_kept_mass = histogram(
+            "attention_kept_mass_ratio",
+            "Share of dense attention's probability mass on the keys the sparse pattern keeps, per "
+            "input of the sampled (verified) batches read by the sparse branch, by model (bundle).",
+            KEPT_MASS_BUCKETS,
+            ("model",),
         )
         self.stream_first_event = histogram(
             "stream_first_event_seconds",

@@ -61,6 +61,7 @@ class Batch(Generic[T]):
     max_len: int
     formed_at: float
     predicted_s: float
+    verify: bool = False  # also measure what the sparse attention pattern keeps (sampled)
 
     @property
     def size(self) -> int:

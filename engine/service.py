@@ -788,12 +788,15 @@ class Service:
         return waiting
 
     def _observe_sparsity(self, output: EncodedInput, length: int) -> None:
-        """The ratio the encoder measured, else the one its declared pattern implies."""
+        """The ratio the encoder measured, else the one its declared pattern implies; and the
+        kept dense attention mass where its batch was verified on the sparse branch."""
         spec = self.bundle.manifest.attention
         ratio = output.sparsity if output.sparsity is not None else sparsity_ratio(spec, length)
-        self.metrics.attention_sparsity.labels(
-            self.bundle.manifest.name, attention_branch(spec, length)
-        ).observe(ratio)
+        branch = attention_branch(spec, length)
+        model = self.bundle.manifest.name
+        self.metrics.attention_sparsity.labels(model, branch).observe(ratio)
+        if output.kept_attention_mass is not None and branch == "sparse":
+            self.metrics.attention_kept_mass.labels(model).observe(output.kept_attention_mass)
 
     def _extender(self, work: asyncio.Future[EncodedInput]) -> Callable[[float], None]:
         return lambda deadline: self.batcher.extend_deadline(work, deadline)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from engine.runtime.onnx import OnnxEncoderRuntime
 from models.bert import AttentionPattern, load_hf_bert
 from models.data.packages import minilm_checkpoint
 from models.export import export_onnx, quantize_int8
@@ -42,24 +42,17 @@ def describe(pattern: AttentionPattern) -> str:
     return f"window {pattern.window} + {pattern.global_tokens} global, dense up to {pattern.dense_limit}"
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _time(session: ort.InferenceSession, length: int, batch: int, repeats: int) -> tuple[float, float]:
+def _time(runtime: OnnxEncoderRuntime, length: int, batch: int, repeats: int) -> tuple[float, float]:
     rng = np.random.default_rng(length)
     ids = rng.integers(1000, 20000, size=(batch, length), dtype=np.int64)
     ids[:, 0], ids[:, -1] = 101, 102
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    outputs = session.run(None, feed)  # warm
-    sparsity = float(np.mean(outputs[1])) if len(outputs) > 1 else 0.0
+    mask = np.ones_like(ids)
+    output = runtime.encode(ids, mask)  # warm
+    sparsity = float(np.mean(output.sparsity)) if output.sparsity is not None else 0.0
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        session.run(None, feed)
+        runtime.encode(ids, mask)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000, sparsity
 
@@ -74,13 +67,13 @@ def measure(
     checkpoint = checkpoint or minilm_checkpoint()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        sessions: dict[AttentionPattern, ort.InferenceSession] = {}
+        sessions: dict[AttentionPattern, OnnxEncoderRuntime] = {}
         for pattern in patterns:
             fp32 = Path(tmp) / "fp32.onnx"
             int8 = Path(tmp) / f"{len(sessions)}.int8.onnx"
             export_onnx(load_hf_bert(checkpoint, pattern), fp32)
             quantize_int8(fp32, int8)
-            sessions[pattern] = _session(int8)
+            sessions[pattern] = OnnxEncoderRuntime(int8)  # one intra-op thread, as served
         # Interleaved by shape, so drift of the machine touches every pattern alike.
         for length in lengths:
             for batch in batches:

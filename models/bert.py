@@ -93,20 +93,24 @@ class SelfAttention(nn.Module):
         batch, seq_len, _ = x.shape
         return x.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_mask [batch, seq] float (1 = real token) -> context, attended pairs per sequence."""
+    def forward(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor, verify: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """key_mask [batch, seq] float (1 = real token) -> context, attended pairs and kept dense
+        mass per sequence (pattern_attention's contract)."""
         batch, seq_len, _ = hidden.shape
         q = self._split_heads(self.query(hidden)) * self.scale
         k_t = self.key(hidden).view(batch, seq_len, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
         v = self._split_heads(self.value(hidden))
         if self.pattern.window is not None:
             pattern = self.pattern
-            context, pairs = pattern_attention(
-                q, k_t, v, key_mask, pattern.window, pattern.global_tokens, pattern.dense_limit
+            context, pairs, kept = pattern_attention(
+                q, k_t, v, key_mask, pattern.window, pattern.global_tokens, pattern.dense_limit, verify
             )
         else:
             context, pairs = dense_attention(q, k_t, v, key_mask)
-        return context.transpose(1, 2).reshape(hidden.shape), pairs
+            kept = key_mask.sum(dim=-1)
+        return context.transpose(1, 2).reshape(hidden.shape), pairs, kept
 
 
 class AttentionBlock(nn.Module):
@@ -120,9 +124,11 @@ class AttentionBlock(nn.Module):
             }
         )
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context, pairs = self.self(hidden, key_mask)
-        return self.output["LayerNorm"](self.output["dense"](context) + hidden), pairs
+    def forward(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor, verify: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        context, pairs, kept = self.self(hidden, key_mask, verify)
+        return self.output["LayerNorm"](self.output["dense"](context) + hidden), pairs, kept
 
 
 class Layer(nn.Module):
@@ -137,10 +143,12 @@ class Layer(nn.Module):
             }
         )
 
-    def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attended, pairs = self.attention(hidden, key_mask)
+    def forward(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor, verify: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attended, pairs, kept = self.attention(hidden, key_mask, verify)
         expanded = nn.functional.gelu(self.intermediate["dense"](attended))
-        return self.output["LayerNorm"](self.output["dense"](expanded) + attended), pairs
+        return self.output["LayerNorm"](self.output["dense"](expanded) + attended), pairs, kept
 
 
 class BertEncoder(nn.Module):
@@ -158,31 +166,43 @@ class BertEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The last hidden state and each sequence's sparsity ratio: 1 - attended (query, key)
         pairs / n^2 over its n real tokens, averaged over layers (global picks differ per layer)."""
+        hidden, sparsity, _ = self.encode_verified(input_ids, attention_mask, torch.tensor(False))
+        return hidden, sparsity
+
+    def encode_verified(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, verify: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """encode, and each sequence's kept share of dense attention mass (averaged over layers,
+        heads and real queries): measured where `verify` (bool) and the batch takes the blocked
+        form, 1.0 on the dense branch, -1.0 when not measured."""
         key_mask = attention_mask.to(torch.float32)
         hidden = self.embeddings(input_ids)
         pairs = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        kept = torch.zeros(input_ids.shape[0], device=input_ids.device)
         for layer in self.layers:
-            hidden, layer_pairs = layer(hidden, key_mask)
+            hidden, layer_pairs, layer_kept = layer(hidden, key_mask, verify)
             pairs = pairs + layer_pairs
+            kept = kept + layer_kept
         real = key_mask.sum(dim=-1).clamp(min=1.0)
         sparsity = 1.0 - pairs / len(self.layers) / (real * real)
-        return hidden, sparsity
+        return hidden, sparsity, kept / len(self.layers) / real
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.encode(input_ids, attention_mask)[0]
 
 
 class EncoderWithSparsity(nn.Module):
-    """The export form of a sparse encoder: (last_hidden_state, sparsity [batch])."""
+    """The export form of a sparse encoder: inputs (input_ids, attention_mask, verify),
+    outputs (last_hidden_state, sparsity [batch], kept_attention_mass [batch])."""
 
     def __init__(self, encoder: BertEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder.encode(input_ids, attention_mask)
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, verify: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encoder.encode_verified(input_ids, attention_mask, verify)
 
 
 def load_hf_bert(checkpoint_dir: Path, pattern: AttentionPattern | None = None) -> BertEncoder:

@@ -15,6 +15,9 @@ reason): there that is the same result (every query sees both blocks), without t
 overhead (measured 0.6-0.7x of dense speed there). The branch point can be set higher
 (`dense_up_to`): below it the model is dense by choice, because the blocked form only pays
 past some length (see models/attention_speed.py).
+On a sampled batch the graph also measures what the pattern costs: the share of dense
+attention's probability mass that falls on the keys it keeps (`kept_dense_mass`, behind an `If`
+on the encoder's `verify` input, so other batches pay nothing for it).
 Queries come scaled by 1/sqrt(head dim) (a constant of the traced caller: scaling inside the
 scripted branches made it a runtime value and cost ONNX Runtime its MatMul fusions there).
 TorchScript needs literal constants and explicit dtypes here: -10000.0 is BERT's own additive
@@ -74,6 +77,20 @@ def _gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, expanded)
 
 
+def global_keys(
+    query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor, global_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] and the salient tokens: indices [batch, 1 + global_tokens] and their validity."""
+    batch = query.shape[0]
+    indices = torch.zeros(batch, 1, dtype=torch.int64, device=query.device)  # [CLS]
+    valid = torch.ones(batch, 1, dtype=query.dtype, device=query.device)
+    if global_tokens > 0:
+        salient, salient_valid = salient_tokens(query, key, key_mask, global_tokens)
+        indices = torch.cat([indices, salient], dim=1)
+        valid = torch.cat([valid, salient_valid], dim=1)
+    return indices, valid
+
+
 def local_global_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -88,13 +105,21 @@ def local_global_attention(
     Returns the context [batch, heads, n, dim] and each sequence's attended pairs [batch] (over
     real queries and real keys; 1 - pairs / real^2 is its sparsity ratio).
     """
+    indices, valid = global_keys(query, key, key_mask, global_tokens)
+    return _attend(query, key, value, key_mask, window, indices, valid)
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor,
+    window: int,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """local_global_attention with its global keys chosen."""
     batch, heads, length, dim = query.shape
-    indices = torch.zeros(batch, 1, dtype=torch.int64, device=query.device)  # [CLS]
-    valid = torch.ones(batch, 1, dtype=query.dtype, device=query.device)
-    if global_tokens > 0:
-        salient, salient_valid = salient_tokens(query, key, key_mask, global_tokens)
-        indices = torch.cat([indices, salient], dim=1)
-        valid = torch.cat([valid, salient_valid], dim=1)
     global_key = _gather_tokens(key, indices)
     global_value = _gather_tokens(value, indices)
 
@@ -139,6 +164,29 @@ def dense_attention(
     return torch.matmul(probs, value), real * real
 
 
+def kept_dense_mass(
+    query: torch.Tensor,
+    key_t: torch.Tensor,
+    key_mask: torch.Tensor,
+    window: int,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """How much of dense attention's probability mass falls on the keys the pattern keeps: per
+    sequence [batch], the sum over real queries of the kept share (averaged over heads). Costs a
+    dense attention's scores and softmax: computed on sampled batches only (verification)."""
+    scores = torch.matmul(query, key_t) + (1.0 - key_mask[:, None, None, :]) * -10000.0
+    probs = torch.softmax(scores, dim=-1)  # [batch, heads, n, n]
+    block = torch.div(torch.arange(query.shape[2], device=query.device), window, rounding_mode="floor")
+    local = ((block[:, None] - block[None, :]).abs() <= 1).to(query.dtype)  # [n, n]
+    positions = torch.arange(query.shape[2], device=query.device)
+    picked = (indices[:, :, None] == positions[None, None, :]).to(query.dtype) * valid[:, :, None]
+    global_key = picked.amax(dim=1)  # [batch, n]: 1 where a key is global
+    kept = torch.maximum(local[None, :, :], global_key[:, None, :])  # [batch, n, n]
+    share = (probs * kept[:, None]).sum(dim=-1).mean(dim=1)  # [batch, n]
+    return (share * key_mask).sum(dim=-1)
+
+
 @torch.jit.script
 def pattern_attention(
     query: torch.Tensor,
@@ -148,11 +196,22 @@ def pattern_attention(
     window: int,
     global_tokens: int,
     dense_up_to: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    verify: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """local_global_attention for batches longer than `dense_up_to` tokens, dense attention for
     the others (exactly the pattern while dense_up_to <= 2 x window). Keys transposed, as for
-    dense_attention: the dense branch is the common one."""
+    dense_attention: the dense branch is the common one.
+
+    Third output, per sequence: the dense attention mass kept (kept_dense_mass) when `verify`
+    (a bool tensor) is true in the blocked branch; the real token count in the dense branch
+    (all of it kept); minus the real token count when not measured."""
+    real = key_mask.sum(dim=-1)
     if query.shape[2] <= dense_up_to:
-        return dense_attention(query, key_t, value, key_mask)
+        context, pairs = dense_attention(query, key_t, value, key_mask)
+        return context, pairs, real
     key = key_t.transpose(-1, -2)
-    return local_global_attention(query, key, value, key_mask, window, global_tokens)
+    indices, valid = global_keys(query, key, key_mask, global_tokens)
+    context, pairs = _attend(query, key, value, key_mask, window, indices, valid)
+    if bool(verify):
+        return context, pairs, kept_dense_mass(query, key_t, key_mask, window, indices, valid)
+    return context, pairs, -real

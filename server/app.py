@@ -22,8 +22,8 @@ from prometheus_client import (
 from starlette.responses import Response
 
 from engine.attention import attention_boundaries
-from engine.batcher import Batcher
-from engine.bundle import Bundle, load_bundle
+from engine.batcher import AttentionVerification, Batcher
+from engine.bundle import AttentionSpec, Bundle, load_bundle
 from engine.cache.breaker import CircuitBreaker
 from engine.cache.keys import CacheKeys
 from engine.cache.local import LocalTier
@@ -36,7 +36,7 @@ from engine.queue import BatchLimits
 from engine.runtime.affinity import runtime_cpus
 from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
-from engine.runtime.selection import choose_runtime, providers_for
+from engine.runtime.selection import choose_runtime, encoder_for, providers_for
 from engine.service import Service, ServiceLimits
 from engine.tokenization import TextTokenizer
 from server.access import AccessMiddleware, KeyRing, RateLimits
@@ -91,9 +91,9 @@ def build_service(
             f"max_batch_tokens ({settings.max_batch_tokens}) must hold one input of the model's "
             f"maximum length ({manifest.max_length})"
         )
-    encoder = manifest.encoders.get("int8") or next(iter(manifest.encoders.values()))
     kind, why = choose_runtime(settings.runtime)
-    log.info("runtime %s (%s)", kind, why)
+    encoder = encoder_for(manifest, kind)
+    log.info("runtime %s (%s), encoder %s", kind, why, encoder.file)
     runtimes: list[EncoderRuntime] = [
         OnnxEncoderRuntime(
             bundle.path(encoder.file),
@@ -122,6 +122,7 @@ def build_service(
             wide=_wide_runtime(settings, bundle.path(encoder.file)) if kind == "onnxruntime-cpu" else None,
             on_fatal=on_fatal,
             hang_timeout_s=settings.runtime_hang_timeout_s,
+            verification=_verification(settings, manifest.attention),
         ),
         metrics=metrics,
         limits=ServiceLimits(
@@ -148,6 +149,13 @@ async def _start(service: Service) -> None:
 def _log_warm_up_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("warm-up failed; the server stays unready: %r", task.exception())
+
+
+def _verification(settings: Settings, attention: AttentionSpec) -> AttentionVerification | None:
+    """Sampled checks of what a sparse pattern keeps, on the batches its blocked form reads."""
+    if attention.dense_limit is None or attention.window is None or settings.attention_verify_rate == 0:
+        return None
+    return AttentionVerification(settings.attention_verify_rate, attention.dense_limit)
 
 
 def _wide_runtime(settings: Settings, model: Path) -> EncoderRuntime | None:
@@ -189,7 +197,7 @@ def create_app(
                 "bundle": loaded.manifest.name,
                 "bundle_version": loaded.manifest.version,
                 "runtime": choose_runtime(settings.runtime)[0],
-                "precision": ",".join(loaded.manifest.encoders),
+                "precision": encoder_for(loaded.manifest, choose_runtime(settings.runtime)[0]).precision,
             }
         )
         app.state.service = service

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="Hold a batch that could still grow for at most this long."
     )
+    attention_verify_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of the batches a sparse encoder reads in its blocked form that also "
+        "measure the dense attention mass its pattern keeps (sparsebert_attention_kept_mass_ratio; "
+        "such a batch costs about one dense attention more). 0: never.",
+    )
     max_queue_items: int = Field(256, ge=1, description="Inputs waiting at most; beyond: 429.")
     max_queue_tokens: int = Field(65536, ge=512, description="Tokens waiting at most; beyond: 429.")
     max_inputs_per_request: int = Field(64, ge=1, description="Texts in one request; beyond: 413.")

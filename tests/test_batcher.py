@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine.batcher import Batcher
+from engine.batcher import AttentionVerification, Batcher
 from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
@@ -28,27 +28,39 @@ class FakeRuntime:
         self.shapes: list[tuple[int, int]] = []
         self.seen_ids: list[int] = []
         self.spans: list[tuple[float, float]] = []
+        self.verified: list[bool] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> RuntimeOutput:
+    def encode(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, verify: bool = False
+    ) -> RuntimeOutput:
         self.gate.wait(5)
         started = time.monotonic()
         self.shapes.append(input_ids.shape)
         self.seen_ids.extend(int(row[0]) for row in input_ids)
         time.sleep(self.delay_s)
         self.spans.append((started, time.monotonic()))
+        self.verified.append(verify)
         if self.fail:
             raise RuntimeError("engine on fire")
-        return RuntimeOutput((input_ids[:, :, None] * attention_mask[:, :, None]).astype(np.float32))
+        states = (input_ids[:, :, None] * attention_mask[:, :, None]).astype(np.float32)
+        kept = np.full(len(input_ids), 0.9 if verify else -1.0, dtype=np.float32)  # the graph's convention
+        return RuntimeOutput(states, kept_attention_mass=kept)
 
 
-def make_batcher(*runtimes: FakeRuntime, wide: FakeRuntime | None = None, **limits: float) -> Batcher:
+def make_batcher(
+    *runtimes: FakeRuntime,
+    wide: FakeRuntime | None = None,
+    verification: AttentionVerification | None = None,
+    **limits: float,
+) -> Batcher:
     return Batcher(
         list(runtimes),
         BatchLimits(**limits),  # type: ignore[arg-type]
         EngineMetrics(CollectorRegistry()),
         wide=wide,
+        verification=verification,
     )
 
 
@@ -204,3 +216,19 @@ def test_pooled_states_are_each_inputs_own_mean_without_padding() -> None:
     pooled = masked_mean(states, [5, 2, 1])
     for row, length in enumerate([5, 2, 1]):
         np.testing.assert_allclose(pooled[row], states[row, :length].mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.0])
+def test_sampled_batches_past_the_dense_limit_verify_and_others_do_not(rate: float) -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        batcher = make_batcher(runtime, verification=AttentionVerification(rate, above_tokens=20))
+        deadline = time.monotonic() + 10
+        short = await batcher.submit(ids(1, 20), deadline)
+        long = await batcher.submit(ids(1, 21), deadline)
+        assert runtime.verified == [False, rate == 1.0]
+        assert short.kept_attention_mass is None
+        assert long.kept_attention_mass == (pytest.approx(0.9) if rate == 1.0 else None)
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+import onnx
 import pytest
 
 from engine.bundle import load_bundle
 from engine.errors import BundleError
+from engine.runtime.onnx import OnnxEncoderRuntime
+from engine.runtime.selection import encoder_for
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = "24"
@@ -45,24 +47,44 @@ def test_the_report_card_compares_teacher_sparse_and_int8_on_every_task(quick_bu
     report = json.loads((quick_bundle / "report.json").read_text())
     assert set(report["tasks"]) == {"sentiment", "ner", "topic", "summarize"}
     for task in report["tasks"].values():
-        assert {"dense_fp32_teacher", "sparse_fp32", "sparse_int8"} <= set(task)
+        assert {"dense_fp32_teacher", "sparse_fp32", "sparse_int8", "sparse_int8_qdq"} <= set(task)
     gate_names = " ".join(gate["name"] for gate in report["gates"])
     for task in ("sentiment", "ner", "topic", "summarize"):
         assert f"{task}: sparse int8 within 1 point of the dense fp32 teacher" in gate_names
-    assert "(INT8, one thread, batch 1)" in (quick_bundle / "report.md").read_text()
+        assert f"{task}: sparse int8 qdq (gpu graph) within 1 point of the dense fp32 teacher" in gate_names
+    card = (quick_bundle / "report.md").read_text()
+    assert "(INT8, one thread, batch 1)" in card and "GPU graph: onnxruntime static QDQ" in card
+    qdq = report["quantization_qdq"]
+    assert qdq["calibration_windows"] > 0 and "all int8" in qdq["trials"]
 
 
 def test_the_served_encoder_is_the_sparse_student_and_reports_its_sparsity(quick_bundle: Path) -> None:
     bundle = load_bundle(quick_bundle, allow_failed_gates=True)
     attention = bundle.manifest.attention
     assert attention.kind == "local+global" and attention.window is not None
-    session = ort.InferenceSession(
-        str(quick_bundle / "encoder.int8.onnx"), providers=["CPUExecutionProvider"]
-    )
+    runtime = OnnxEncoderRuntime(quick_bundle / "encoder.int8.onnx")
     ids = np.full((1, 500), 2000, dtype=np.int64)
     ids[0, 0], ids[0, -1] = 101, 102
-    _, sparsity = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    assert 0.5 < float(sparsity[0]) < 1.0  # 500 tokens: past the dense branch
+    verified = runtime.encode(ids, np.ones_like(ids), verify=True)
+    assert verified.sparsity is not None and 0.5 < float(verified.sparsity[0]) < 1.0  # the sparse branch
+    assert verified.kept_attention_mass is not None and 0.0 < float(verified.kept_attention_mass[0]) <= 1.0
+    assert runtime.encode(ids, np.ones_like(ids)).kept_attention_mass is None
+
+
+def test_the_gpu_graph_is_static_qdq_int8_and_runs_close_to_the_cpu_graph(quick_bundle: Path) -> None:
+    manifest = load_bundle(quick_bundle, allow_failed_gates=True).manifest
+    assert encoder_for(manifest, "onnxruntime-cuda").file == "encoder.qdq.onnx"
+    assert encoder_for(manifest, "onnxruntime-cpu").file == "encoder.int8.onnx"
+    graph = onnx.load(str(quick_bundle / "encoder.qdq.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "DynamicQuantizeLinear" not in ops
+    ids = np.full((2, 40), 2000, dtype=np.int64)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = np.ones_like(ids)
+    cpu = OnnxEncoderRuntime(quick_bundle / "encoder.int8.onnx").encode(ids, mask).states
+    gpu_graph = OnnxEncoderRuntime(quick_bundle / "encoder.qdq.onnx").encode(ids, mask).states
+    cosine = (cpu * gpu_graph).sum(-1) / np.linalg.norm(cpu, axis=-1) / np.linalg.norm(gpu_graph, axis=-1)
+    assert float(cosine.mean()) > 0.9
 
 
 def test_a_bundle_that_fails_a_gate_is_not_written_and_not_served(quick_bundle: Path, tmp_path: Path) -> None:

@@ -12,7 +12,13 @@ import torch
 
 from models.bert import AttentionPattern, BertEncoder
 from models.export import export_onnx
-from models.sparse_attention import dense_attention, local_global_attention, salient_tokens
+from models.sparse_attention import (
+    dense_attention,
+    global_keys,
+    kept_dense_mass,
+    local_global_attention,
+    salient_tokens,
+)
 from tests.tiny_bert import tiny_bert_config
 
 TINY = tiny_bert_config(vocab_size=200)
@@ -119,16 +125,20 @@ def test_onnx_export_has_dynamic_axes_and_matches_torch(tmp_path: Path) -> None:
     path = tmp_path / "sparse.onnx"
     export_onnx(model, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sparsity"]
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sparsity", "kept_attention_mass"]
     for lengths in ([5], [40, 17, 33], [64, 9], [100]):
         ids, mask = _batch(lengths, seed=len(lengths))
-        hidden, sparsity = model.encode(ids, mask)
-        got_hidden, got_sparsity = session.run(
-            None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        )
-        real = mask.bool().numpy()
-        np.testing.assert_allclose(got_hidden[real], hidden.detach().numpy()[real], atol=1e-4)
-        np.testing.assert_allclose(got_sparsity, sparsity.detach().numpy(), atol=1e-5)
+        hidden, sparsity, kept = model.encode_verified(ids, mask, torch.tensor(True))
+        for verify in (True, False):
+            got_hidden, got_sparsity, got_kept = session.run(
+                None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "verify": np.array(verify)}
+            )
+            real = mask.bool().numpy()
+            np.testing.assert_allclose(got_hidden[real], hidden.detach().numpy()[real], atol=1e-4)
+            np.testing.assert_allclose(got_sparsity, sparsity.detach().numpy(), atol=1e-5)
+            dense_branch = max(lengths) <= model.pattern.dense_limit  # keeps all: 1.0 either way
+            expected_kept = kept.detach().numpy() if verify or dense_branch else -np.ones(len(lengths))
+            np.testing.assert_allclose(got_kept, expected_kept, atol=1e-5)
     assert 0.3 < float(got_sparsity[0]) < 1.0  # 100 tokens in windows of 8: mostly skipped pairs
 
 
@@ -139,7 +149,48 @@ def test_below_dense_up_to_a_batch_takes_the_dense_branch_in_onnx(tmp_path: Path
     dense = _tiny(AttentionPattern())
     for length, sparse in ((50, False), (51, True)):
         ids, mask = _batch([length])
-        hidden, sparsity = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "verify": np.array(True)}
+        hidden, sparsity, kept = session.run(None, feed)
         assert (float(sparsity[0]) > 0.3) == sparse
+        assert (float(kept[0]) < 1.0 - 1e-6) == sparse  # the dense branch keeps all of the mass
         if not sparse:
             np.testing.assert_allclose(hidden, dense(ids, mask).detach().numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("length", "window", "globals_"), [(23, 4, 3), (30, 8, 0), (9, 3, 2)])
+def test_the_kept_mass_is_dense_attention_summed_over_the_pattern(
+    length: int, window: int, globals_: int
+) -> None:
+    torch.manual_seed(length)
+    q, k = torch.randn(2, 3, length, 8), torch.randn(2, 3, length, 8)
+    key_mask = torch.ones(2, length)
+    key_mask[1, length - 5 :] = 0.0
+    indices, valid = global_keys(q, k, key_mask, globals_)
+    kept = kept_dense_mass(q, k.transpose(-1, -2), key_mask, window, indices, valid)
+    scores = torch.matmul(q, k.transpose(-1, -2)).masked_fill(~key_mask.bool()[:, None, None, :], -1e9)
+    probs = torch.softmax(scores, dim=-1)
+    for b in range(2):
+        allowed = torch.zeros(length, length, dtype=torch.bool)
+        for i in range(length):
+            for j in range(length):
+                allowed[i, j] = abs(i // window - j // window) <= 1
+        for index, ok in zip(indices[b].tolist(), valid[b].tolist(), strict=True):
+            allowed[:, index] |= bool(ok)
+        per_query = (probs[b] * allowed).sum(dim=-1).mean(dim=0)  # [n], averaged over heads
+        expected = float(per_query[key_mask[b].bool()].sum())
+        assert abs(float(kept[b]) - expected) < 1e-4
+    if length <= 2 * window:  # one or two blocks: every key is a neighbour, all mass is kept
+        assert torch.allclose(kept, key_mask.sum(dim=-1), atol=1e-5)
+    else:
+        assert float(kept[0]) < length - 1e-3
+
+
+def test_the_encoder_reports_the_kept_share_only_when_asked() -> None:
+    model = _tiny(AttentionPattern(window=4, global_tokens=2, dense_up_to=0))
+    ids, mask = _batch([23, 9])
+    _, _, kept = model.encode_verified(ids, mask, torch.tensor(True))
+    assert bool(((kept > 0.0) & (kept < 1.0)).all())
+    _, _, unmeasured = model.encode_verified(ids, mask, torch.tensor(False))
+    assert unmeasured.tolist() == [-1.0, -1.0]
+    _, _, dense = _tiny(AttentionPattern()).encode_verified(ids, mask, torch.tensor(True))
+    assert torch.allclose(dense, torch.ones(2))

@@ -11,13 +11,18 @@ class RuntimeOutput(NamedTuple):
     states: np.ndarray  # float32 [batch, seq, hidden]
     # [batch]: each sequence's attention sparsity ratio, where the graph reports it (sparse encoders)
     sparsity: np.ndarray | None = None
+    # [batch]: the kept share of dense attention mass, where asked to verify and measured (-1: not)
+    kept_attention_mass: np.ndarray | None = None
 
 
 class EncoderRuntime(Protocol):
     name: str
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> RuntimeOutput:
-        """int64 [batch, seq] ids and mask -> states (and sparsity where the graph measures it)."""
+    def encode(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, verify: bool = False
+    ) -> RuntimeOutput:
+        """int64 [batch, seq] ids and mask -> states (and sparsity where the graph measures it).
+        `verify`: also measure the kept share of dense attention mass, where the graph can."""
         ...
 
 

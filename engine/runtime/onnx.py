@@ -46,8 +46,26 @@ class OnnxEncoderRuntime:
             )
         self.name = name
         produced = {output.name for output in self._session.get_outputs()}
-        self._outputs = ["last_hidden_state", *(["sparsity"] if "sparsity" in produced else [])]
+        self._outputs = ["last_hidden_state", *(name for name in OPTIONAL_OUTPUTS if name in produced)]
+        self._verifies = "verify" in {graph_input.name for graph_input in self._session.get_inputs()}
 
-    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> RuntimeOutput:
-        outputs = self._session.run(self._outputs, {"input_ids": input_ids, "attention_mask": attention_mask})
-        return RuntimeOutput(np.asarray(outputs[0]), np.asarray(outputs[1]) if len(outputs) > 1 else None)
+    def encode(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, verify: bool = False
+    ) -> RuntimeOutput:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._verifies:
+            feed["verify"] = np.array(verify)
+        outputs = dict(zip(self._outputs, self._session.run(self._outputs, feed), strict=True))
+        return RuntimeOutput(
+            np.asarray(outputs["last_hidden_state"]),
+            _optional(outputs.get("sparsity")),
+            _optional(outputs.get("kept_attention_mass")) if verify else None,
+        )
+
+
+# Outputs of a sparse encoder (models/export.py): sparsity ratio and kept dense attention mass.
+OPTIONAL_OUTPUTS = ("sparsity", "kept_attention_mass")
+
+
+def _optional(value: object) -> np.ndarray | None:
+    return None if value is None else np.asarray(value)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
+from engine.bundle import EncoderSpec, Manifest
 from engine.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -52,3 +53,20 @@ def choose_runtime(
 
 def providers_for(kind: Literal["onnxruntime-cpu", "onnxruntime-cuda"]) -> list[str]:
     return [CUDA_PROVIDER, "CPUExecutionProvider"] if kind == "onnxruntime-cuda" else ["CPUExecutionProvider"]
+
+
+# The bundle's graph each runtime reads, in order of preference: on a GPU the static QDQ graph
+# (its INT8 is QuantizeLinear/DequantizeLinear pairs, which GPU providers and TensorRT run as
+# INT8 kernels; the dynamic graph's quantization ops are CPU kernels), on a CPU the dynamic one.
+ENCODER_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "onnxruntime-cpu": ("int8", "int8-qdq"),
+    "onnxruntime-cuda": ("int8-qdq", "int8"),
+}
+
+
+def encoder_for(manifest: Manifest, kind: Literal["onnxruntime-cpu", "onnxruntime-cuda"]) -> EncoderSpec:
+    """The encoder `kind` serves from the bundle: its preferred precision, else the first listed."""
+    for precision in ENCODER_PREFERENCE[kind]:
+        if precision in manifest.encoders:
+            return manifest.encoders[precision]
+    return next(iter(manifest.encoders.values()))
