@@ -123,8 +123,10 @@ def train_encoders(
     seed: int,
     limit: int | None,
     log: Callable[[str], None],
+    teacher_config: TrainConfig | None = None,
 ) -> TrainedEncoders:
-    """The fine-tuned dense teacher and the distilled sparse student (cached in `work`)."""
+    """The fine-tuned dense teacher and the distilled sparse student (cached in `work`).
+    `teacher_config`: default TEACHER_CONFIG (one epoch when `limit` caps the data)."""
     rng = random.Random(seed)
     tokenizer = TextTokenizer(tokenizer_path, SENTENCE_TOKENS)
     ner_train = conll.load_split("train")
@@ -140,9 +142,10 @@ def train_encoders(
         "sentiment",
     )
 
-    teacher_config = (
-        TEACHER_CONFIG if limit is None else TrainConfig(**{**asdict(TEACHER_CONFIG), "epochs": 1})
-    )
+    if teacher_config is None:
+        teacher_config = (
+            TEACHER_CONFIG if limit is None else TrainConfig(**{**asdict(TEACHER_CONFIG), "epochs": 1})
+        )
     teacher_dir = _cache_dir(
         work, "teacher", {"seed": seed, "limit": limit, "config": asdict(teacher_config)}
     )

@@ -4,6 +4,8 @@ QuantizeLinear/DequantizeLinear pairs as INT8 kernels; ONNX Runtime runs it on a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 import warnings
@@ -116,14 +118,13 @@ class _Windows(CalibrationDataReader):  # type: ignore[misc]
         return feed
 
 
-def calibration_windows(sequences: list[np.ndarray], cls_id: int, sep_id: int) -> np.ndarray:
+def calibration_windows(sequences: list[np.ndarray], cls_id: int, sep_id: int, most: int) -> np.ndarray:
     """[n, CALIBRATION_TOKENS] int64 windows cut from token id sequences (special tokens
-    stripped, then joined), each [CLS] ... [SEP], n a multiple of the calibration batch."""
+    stripped, then joined), each [CLS] ... [SEP]; n <= `most`, a multiple of the calibration batch
+    (0 when the text is too short for one batch)."""
     stream = np.concatenate([s[1:-1] for s in sequences])
     body = CALIBRATION_TOKENS - 2
-    count = len(stream) // body // CALIBRATION_BATCH * CALIBRATION_BATCH
-    if count == 0:
-        raise ValueError(f"calibration needs at least {CALIBRATION_BATCH * body} tokens of text")
+    count = min(len(stream) // body, most) // CALIBRATION_BATCH * CALIBRATION_BATCH
     bodies = stream[: count * body].reshape(count, body)
     return np.concatenate([np.full((count, 1), cls_id), bodies, np.full((count, 1), sep_id)], axis=1).astype(
         np.int64
@@ -142,19 +143,24 @@ def quantize_qdq(
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_static(
-            str(fp32_path),
-            str(qdq_path),
-            _Windows(windows, VERIFY_INPUT in graph_inputs),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gather"],
-            nodes_to_exclude=keep_fp32 or [],
-            calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
+            quantize_static(
+                str(fp32_path),
+                str(qdq_path),
+                _Windows(windows, VERIFY_INPUT in graph_inputs),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gather"],
+                nodes_to_exclude=keep_fp32 or [],
+                calibrate_method=CalibrationMethod.Percentile,
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "CalibPercentile": 99.999,
+                },
+            )
     finally:
         root.setLevel(level)
 

@@ -59,6 +59,12 @@ def build(argv: list[str]) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow-failed-gates", action="store_true", help="write the bundle anyway")
+    parser.add_argument(
+        "--gpu-graph",
+        action="store_true",
+        help="also write and gate a static QDQ INT8 graph for GPU runtimes (~8 min more; +38 MB)",
+    )
+    parser.add_argument("--teacher-epochs", type=int, default=None, help="override the teacher's epochs")
     args = parser.parse_args(argv)
     try:
         from models.build import BuildOptions
@@ -73,6 +79,8 @@ def build(argv: list[str]) -> int:
             limit=args.limit,
             seed=args.seed,
             allow_failed_gates=args.allow_failed_gates,
+            gpu_graph=args.gpu_graph,
+            teacher_epochs=args.teacher_epochs,
         )
     )
     return 0

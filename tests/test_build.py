@@ -38,7 +38,7 @@ def _build(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def quick_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("build") / "quick"
-    done = _build(out, "--allow-failed-gates")
+    done = _build(out, "--allow-failed-gates", "--gpu-graph")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
 
@@ -56,6 +56,8 @@ def test_the_report_card_compares_teacher_sparse_and_int8_on_every_task(quick_bu
     assert "(INT8, one thread, batch 1)" in card and "GPU graph: onnxruntime static QDQ" in card
     qdq = report["quantization_qdq"]
     assert qdq["calibration_windows"] > 0 and "all int8" in qdq["trials"]
+    kept = report["attention_kept_mass"]
+    assert kept["inputs"] > 0 and 0.0 < kept["min"] <= kept["mean"] <= 1.0
 
 
 def test_the_served_encoder_is_the_sparse_student_and_reports_its_sparsity(quick_bundle: Path) -> None:
@@ -94,6 +96,7 @@ def test_a_bundle_that_fails_a_gate_is_not_written_and_not_served(quick_bundle: 
     with pytest.raises(BundleError, match="failed its quality gates"):
         load_bundle(quick_bundle)
     refused = _build(tmp_path / "refused")  # cached training: only export, INT8 and evaluation rerun
+    # (and no GPU graph: without --gpu-graph the bundle is the CPU one)
     assert refused.returncode != 0
     assert "bundle not written: failed gates" in refused.stdout + refused.stderr
     assert not (tmp_path / "refused").exists()

@@ -78,9 +78,10 @@ def test_cuda_runtime_matches_the_cpu_reference(bundle_dir: Path) -> None:
         pytest.skip("no CUDA execution provider on this machine: on-GPU verification needs a GPU host")
     from engine.bundle import load_bundle
     from engine.runtime.onnx import OnnxEncoderRuntime
+    from engine.runtime.selection import encoder_for
 
     bundle = load_bundle(bundle_dir)
-    model = bundle.path(bundle.manifest.encoders["int8"].file)
+    model = bundle.path(encoder_for(bundle.manifest, "onnxruntime-cuda").file)  # the static QDQ graph
     ids = np.array([[101, 7592, 2088, 102, 0]], dtype=np.int64)
     mask = (ids > 0).astype(np.int64)
     cpu = OnnxEncoderRuntime(model).encode(ids, mask).states

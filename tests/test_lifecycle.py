@@ -92,10 +92,10 @@ from engine.runtime import onnx
 encode = onnx.OnnxEncoderRuntime.encode
 
 
-def faulty(self, input_ids, attention_mask):  # the real runtime, failing on one word (a fault injected)
+def faulty(self, input_ids, attention_mask, verify=False):  # the real runtime, failing on one word
     if (input_ids == {zebra}).any():
         raise RuntimeError("injected runtime fault")
-    return encode(self, input_ids, attention_mask)
+    return encode(self, input_ids, attention_mask, verify)
 
 
 onnx.OnnxEncoderRuntime.encode = faulty
