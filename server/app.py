@@ -33,7 +33,7 @@ from engine.cache.redis_tier import RedisTier
 from engine.gpu_metrics import GpuMemoryCollector, nvml_stats
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
-from engine.runtime.affinity import runtime_cpus
+from engine.runtime.affinity import runtime_cpus, single_threaded_blas
 from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.runtime.selection import choose_runtime, encoder_for, providers_for
@@ -91,6 +91,7 @@ def build_service(
             f"max_batch_tokens ({settings.max_batch_tokens}) must hold one input of the model's "
             f"maximum length ({manifest.max_length})"
         )
+    single_threaded_blas()
     kind, why = choose_runtime(settings.runtime)
     encoder = encoder_for(manifest, kind)
     log.info("runtime %s (%s), encoder %s", kind, why, encoder.file)

@@ -1,4 +1,4 @@
-"""Pinning runtime threads to CPUs.
+"""Pinning runtime threads to CPUs, and keeping numpy's BLAS off the runtimes' cores.
 
 Measured here (2 CPUs, two single-thread sessions, the benchmark workload through the engine):
 pinning each runtime thread to its own CPU gave ~6% more throughput than letting the scheduler
@@ -14,6 +14,17 @@ import threading
 from typing import Literal
 
 PinMode = Literal["auto", "on", "off"]
+
+
+def single_threaded_blas() -> None:
+    """numpy's BLAS on one thread in this process. The server's numpy matmuls are tiny (heads on
+    pooled states, per batch on the runtime threads), and a multithreaded OpenBLAS wakes its own
+    pool for each, whose threads spin on the cores ONNX Runtime computes on. Measured here at
+    concurrency 32 on the benchmark workload: 168 req/s with OpenBLAS's default threads, 259-273
+    with one (the runtime threads got 0.5 core each instead of 0.75-0.85); nothing changed at 8."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def runtime_cpus(mode: PinMode, runtimes: int, threads_per_runtime: int) -> list[int] | None:
