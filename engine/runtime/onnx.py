@@ -10,6 +10,11 @@ import onnxruntime as ort
 from engine.runtime.base import RuntimeOutput
 from engine.runtime.selection import RuntimeUnavailable
 
+# A sparse encoder's extra outputs and input (named in models/export.py, which the engine does not
+# import: it needs torch): sparsity ratio, kept dense attention mass, and the verify switch.
+OPTIONAL_OUTPUTS = ("sparsity", "kept_attention_mass")
+VERIFY_INPUT = "verify"
+
 
 class OnnxEncoderRuntime:
     """One InferenceSession. Several of these with one intra-op thread each, run side by side,
@@ -47,24 +52,20 @@ class OnnxEncoderRuntime:
         self.name = name
         produced = {output.name for output in self._session.get_outputs()}
         self._outputs = ["last_hidden_state", *(name for name in OPTIONAL_OUTPUTS if name in produced)]
-        self._verifies = "verify" in {graph_input.name for graph_input in self._session.get_inputs()}
+        self._verifies = VERIFY_INPUT in {graph_input.name for graph_input in self._session.get_inputs()}
 
     def encode(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, verify: bool = False
     ) -> RuntimeOutput:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._verifies:
-            feed["verify"] = np.array(verify)
+            feed[VERIFY_INPUT] = np.array(verify)
         outputs = dict(zip(self._outputs, self._session.run(self._outputs, feed), strict=True))
         return RuntimeOutput(
             np.asarray(outputs["last_hidden_state"]),
             _optional(outputs.get("sparsity")),
             _optional(outputs.get("kept_attention_mass")) if verify else None,
         )
-
-
-# Outputs of a sparse encoder (models/export.py): sparsity ratio and kept dense attention mass.
-OPTIONAL_OUTPUTS = ("sparsity", "kept_attention_mass")
 
 
 def _optional(value: object) -> np.ndarray | None:
