@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench-results/locust"))
     parser.add_argument("--max-error-rate", type=float, default=0.01)
-    parser.add_argument("--min-rps", type=float, default=50.0)
+    parser.add_argument("--min-rps", type=float, default=70.0)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     port, grpc_port = free_port(), free_port()

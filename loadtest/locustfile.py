@@ -36,7 +36,7 @@ POPULAR = TEXTS[:20]
 REPEAT_SHARE = float(os.environ.get("LOCUST_REPEAT_SHARE", "0.3"))
 # Each HTTP user paces itself to this rate (less when its requests take longer): the offered
 # load is set, not "as fast as the server answers", so the SLO is checked at a stated load.
-API_REQUESTS_PER_USER_S = float(os.environ.get("LOCUST_USER_RPS", "3.5"))
+API_REQUESTS_PER_USER_S = float(os.environ.get("LOCUST_USER_RPS", "5.0"))
 STREAMS_PER_USER_S = float(os.environ.get("LOCUST_STREAMS_PER_USER_S", "1.0"))
 
 

@@ -5,7 +5,7 @@ the latency SLO is per class of request (Locust's entry names): interactive rout
 and document work (summaries, and a streamed summary's first event). Errors and throughput are
 checked over everything.
 
-python -m loadtest.slo_check bench-results/locust/run --max-error-rate 0.01 --min-rps 50 \
+python -m loadtest.slo_check bench-results/locust/run --max-error-rate 0.01 --min-rps 70 \
     --p99 /v1/classify=500 --p99 /v1/ner=500 --p99 /v1/summarize=2500
 """
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         help="NAME=MS: p99 bound of one Locust entry (repeatable; default: DEFAULT_P99_MS)",
     )
     parser.add_argument("--max-error-rate", type=float, default=0.01)
-    parser.add_argument("--min-rps", type=float, default=50.0)
+    parser.add_argument("--min-rps", type=float, default=70.0)
     args = parser.parse_args(argv)
     bounds = dict(args.p99) if args.p99 else DEFAULT_P99_MS
     with Path(f"{args.prefix}_stats.csv").open() as handle:

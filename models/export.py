@@ -9,7 +9,7 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,26 +76,31 @@ def export_onnx(model: BertEncoder, path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, keep_fp32: list[str] | None = None) -> None:
-    """Per-channel dynamic INT8 weights. Per-tensor drifts badly on MiniLM (cosine 0.96 vs 0.99)."""
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizers log a shape pre-processing hint on every call, and its
+    calibrators print their progress."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer suggests shape pre-processing on every call
+    root.setLevel(logging.ERROR)
     try:
-        _quantize(fp32_path, int8_path, keep_fp32)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
 
-def _quantize(fp32_path: Path, int8_path: Path, keep_fp32: list[str] | None) -> None:
-    quantize_dynamic(
-        str(fp32_path),
-        str(int8_path),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=keep_fp32 or [],
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+def quantize_int8(fp32_path: Path, int8_path: Path, keep_fp32: list[str] | None = None) -> None:
+    """Per-channel dynamic INT8 weights. Per-tensor drifts badly on MiniLM (cosine 0.96 vs 0.99)."""
+    with _quiet():
+        quantize_dynamic(
+            str(fp32_path),
+            str(int8_path),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep_fp32 or [],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
 
 
 class _Windows(CalibrationDataReader):  # type: ignore[misc]
@@ -139,30 +144,20 @@ def quantize_qdq(
     (the quantizer does not enter subgraphs): the projections and FFNs, most of the FLOPs at
     these lengths, are INT8."""
     graph_inputs = {i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input}
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints its progress
-            quantize_static(
-                str(fp32_path),
-                str(qdq_path),
-                _Windows(windows, VERIFY_INPUT in graph_inputs),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul", "Gather"],
-                nodes_to_exclude=keep_fp32 or [],
-                calibrate_method=CalibrationMethod.Percentile,
-                extra_options={
-                    "ActivationSymmetric": True,
-                    "WeightSymmetric": True,
-                    "CalibPercentile": 99.999,
-                },
-            )
-    finally:
-        root.setLevel(level)
+    with _quiet():
+        quantize_static(
+            str(fp32_path),
+            str(qdq_path),
+            _Windows(windows, VERIFY_INPUT in graph_inputs),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gather"],
+            nodes_to_exclude=keep_fp32 or [],
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
+        )
 
 
 def ffn_down_projections(fp32_path: Path) -> list[str]:
