@@ -92,8 +92,9 @@ def test_three_times_capacity_gets_fast_429s_and_the_accepted_stay_within_the_sl
     assert len(rejected) >= len(results) * 0.4
     assert np.percentile(accepted, 99) <= SLO_S
     # Fast: a refusal never queues. Its p50 is the server's own time; its tail is the wait for the
-    # kernel to hand a new connection to a saturated event loop on 2 cores (22-187 ms measured
-    # across runs), not work the server does for it.
+    # kernel to hand a new connection to a saturated event loop on 2 cores, not work the server
+    # does for it. It grows with the connection rate: 22-187 ms at ~600 new connections/s; since
+    # the server's capacity rose (numpy's BLAS on one thread) 3x is ~780/s, and 45-301 ms.
     assert np.percentile(rejected, 50) <= 0.01
-    assert np.percentile(rejected, 99) <= 0.25
+    assert np.percentile(rejected, 99) <= 0.5
     assert rss_after - rss_before < 300 * 2**20
