@@ -25,14 +25,11 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from engine.runtime.onnx import KEPT_MASS_OUTPUT, SPARSITY_OUTPUT, VERIFY_INPUT
 from models.bert import BertEncoder, EncoderWithSparsity
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")
-# A sparse encoder's extra input (bool scalar) and output: the kept share of dense attention mass
-# on the batches where verify is true (sampled by the server), -1 elsewhere.
-VERIFY_INPUT = "verify"
-KEPT_MASS_OUTPUT = "kept_attention_mass"
 QUANTIZATION = "onnxruntime dynamic, per-channel QInt8 weights, uint8 activations"
 QDQ_QUANTIZATION = (
     "onnxruntime static QDQ, per-channel symmetric QInt8 weights, symmetric QInt8 activations "
@@ -58,8 +55,8 @@ def export_onnx(model: BertEncoder, path: Path) -> None:
         module = EncoderWithSparsity(model)
         inputs = (ids, mask, torch.tensor(False))
         input_names.append(VERIFY_INPUT)
-        outputs += ["sparsity", KEPT_MASS_OUTPUT]
-        dynamic_axes["sparsity"] = {0: "batch"}
+        outputs += [SPARSITY_OUTPUT, KEPT_MASS_OUTPUT]
+        dynamic_axes[SPARSITY_OUTPUT] = {0: "batch"}
         dynamic_axes[KEPT_MASS_OUTPUT] = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation

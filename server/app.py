@@ -192,17 +192,18 @@ def create_app(
         service = await loop.run_in_executor(
             None, build_service, settings, loaded, EngineMetrics(registry), cache, on_fatal
         )
+        runtime = choose_runtime(settings.runtime)[0]
         http_metrics.build.info(
             {
                 "version": server_version(),
                 "bundle": loaded.manifest.name,
                 "bundle_version": loaded.manifest.version,
-                "runtime": choose_runtime(settings.runtime)[0],
-                "precision": encoder_for(loaded.manifest, choose_runtime(settings.runtime)[0]).precision,
+                "runtime": runtime,
+                "precision": encoder_for(loaded.manifest, runtime).precision,
             }
         )
         app.state.service = service
-        if choose_runtime(settings.runtime)[0] == "onnxruntime-cuda":
+        if runtime == "onnxruntime-cuda":
             registry.register(GpuMemoryCollector(nvml_stats))  # absent, not zero, on CPU
         # Warm up in the background: the port answers /health/live at once, /health/ready after.
         warm_up = asyncio.create_task(_start(service))

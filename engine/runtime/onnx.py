@@ -10,9 +10,11 @@ import onnxruntime as ort
 from engine.runtime.base import RuntimeOutput
 from engine.runtime.selection import RuntimeUnavailable
 
-# A sparse encoder's extra outputs and input (named in models/export.py, which the engine does not
-# import: it needs torch): sparsity ratio, kept dense attention mass, and the verify switch.
-OPTIONAL_OUTPUTS = ("sparsity", "kept_attention_mass")
+# A sparse encoder's graph contract beyond input_ids/attention_mask -> last_hidden_state (written by
+# models/export.py): its sparsity ratio and kept dense attention mass, and the verify switch.
+SPARSITY_OUTPUT = "sparsity"
+KEPT_MASS_OUTPUT = "kept_attention_mass"
+OPTIONAL_OUTPUTS = (SPARSITY_OUTPUT, KEPT_MASS_OUTPUT)
 VERIFY_INPUT = "verify"
 
 
@@ -63,8 +65,8 @@ class OnnxEncoderRuntime:
         outputs = dict(zip(self._outputs, self._session.run(self._outputs, feed), strict=True))
         return RuntimeOutput(
             np.asarray(outputs["last_hidden_state"]),
-            _optional(outputs.get("sparsity")),
-            _optional(outputs.get("kept_attention_mass")) if verify else None,
+            _optional(outputs.get(SPARSITY_OUTPUT)),
+            _optional(outputs.get(KEPT_MASS_OUTPUT)) if verify else None,
         )
 
 
