@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -97,6 +97,36 @@ class AttentionVerification:
         return batch.max_len > self.above_tokens and rng.random() < self.rate
 
 
+@dataclass(frozen=True)
+class WarmUpPlan:
+    """The shapes the warm-up runs on every runtime (seeding the latency model), and whether the
+    batch budget is then set from what they measured (`tune_budget`: the fewest padded tokens per
+    batch at which throughput comes within `saturation` of the best measured; shapes up to
+    `max_tokens` are tried). On a CPU the settings' budget stands: bigger batches barely pay there."""
+
+    lengths: tuple[int, ...] = (8, 32, 128, 512)
+    sizes: tuple[int, ...] = (1, 4, 16)
+    tune_budget: bool = False
+    max_tokens: int | None = None  # None: the queue's max_batch_tokens
+    saturation: float = 0.9
+
+
+# A GPU's throughput keeps growing with the batch long after a CPU's has flattened: try batches up
+# to 32k padded tokens (128 inputs), and let the measurements choose.
+GPU_MAX_BATCH_TOKENS = 32768
+GPU_WARM_UP = WarmUpPlan(
+    lengths=(16, 64, 128, 384, 512), sizes=(1, 8, 32, 128), tune_budget=True, max_tokens=GPU_MAX_BATCH_TOKENS
+)
+
+
+def saturating_budget(measured: list[tuple[int, int, float]], saturation: float) -> int:
+    """The fewest padded tokens per batch whose measured throughput (padded tokens/s) is at least
+    `saturation` of the best: past it a bigger batch only adds latency."""
+    rates = [(size * length / seconds, size * length) for size, length, seconds in measured if seconds > 0]
+    best = max(rate for rate, _ in rates)
+    return min(tokens for rate, tokens in rates if rate >= saturation * best)
+
+
 @dataclass(slots=True)
 class EncodeJob:
     ids: np.ndarray
@@ -127,6 +157,7 @@ class Batcher:
         hang_timeout_s: float = 60.0,
         fatal_after_failures: int = 3,
         verification: AttentionVerification | None = None,
+        warm_up: WarmUpPlan = WarmUpPlan(),
     ) -> None:
         """`cpus`: pin runtime thread i to cpus[i] (see engine/runtime/affinity.py).
         `wide`: a runtime using every core, for a lone batch on an idle machine.
@@ -134,7 +165,8 @@ class Batcher:
         a row raised) or hung (one batch ran past `hang_timeout_s`, or 20x its predicted time if
         longer): every waiting input then fails at once with NotReady, and so does every later
         submission, so no request hangs; the process should exit for its orchestrator to restart it.
-        `verification`: the batches that also measure the sparse attention's kept mass (None: none)."""
+        `verification`: the batches that also measure the sparse attention's kept mass (None: none).
+        `warm_up`: the shapes warm_up runs, and whether their times set the batch budget."""
         if not runtimes:
             raise ValueError("the batcher needs at least one runtime")
         self.latency = latency or LatencyModel()
@@ -156,6 +188,7 @@ class Batcher:
         self.fatal: str | None = None  # why the runtimes can no longer serve, once they cannot
         self._verification = verification
         self._rng = random.Random()
+        self._warm_up_plan = warm_up
 
     def set_pooled_heads(self, heads: PooledHeads) -> None:
         """Heads to run on each batch's pooled states (the service installs its classifiers)."""
@@ -392,18 +425,16 @@ class Batcher:
         self.metrics.queue_tokens.set(self.queue.queued_tokens)
         self.metrics.busy_runtimes.set(sum(1 for worker in self._workers if worker.assigned))
 
-    def warm_up(
-        self, lengths: tuple[int, ...] = (8, 32, 128, 512), sizes: tuple[int, ...] = (1, 4, 16)
-    ) -> None:
-        """Run every runtime over a grid of shapes (blocking) and seed the latency model.
+    def warm_up(self) -> None:
+        """Run every runtime over the plan's grid of shapes (blocking) and seed the latency model;
+        with `tune_budget`, set the batch budget from the measured throughput.
 
         The runtimes warm up side by side, as they will serve: the times the latency model
         starts from are those of a machine whose cores are all busy."""
+        plan = self._warm_up_plan
+        max_tokens = plan.max_tokens or self.queue.limits.max_batch_tokens
         shapes = [
-            (size, max_len)
-            for max_len in lengths
-            for size in sizes
-            if size * max_len <= self.queue.limits.max_batch_tokens
+            (size, max_len) for max_len in plan.lengths for size in plan.sizes if size * max_len <= max_tokens
         ]
 
         def sweep(runtime: EncoderRuntime) -> list[tuple[int, int, float]]:
@@ -422,6 +453,22 @@ class Batcher:
             for size, max_len, seconds in measured:
                 self.latency.observe(size, max_len, seconds)
         self.latency.refit()
+        if plan.tune_budget:
+            self._set_budget(saturating_budget([m for measured in sweeps for m in measured], plan.saturation))
+
+    def _set_budget(self, tokens: int) -> None:
+        limits = self.queue.limits
+        longest = max(self._warm_up_plan.lengths)
+        tokens = max(tokens, longest)  # one input of the longest length always fits
+        self.queue.limits = replace(
+            limits,
+            max_batch_tokens=tokens,
+            max_batch_size=max(limits.max_batch_size, *self._warm_up_plan.sizes),
+        )
+        log.info(
+            "batch budget from the warm-up: %d padded tokens, %d inputs (was %d, %d)",
+            tokens, self.queue.limits.max_batch_size, limits.max_batch_tokens, limits.max_batch_size,
+        )  # fmt: skip
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Stop the worker threads after the batches they hold (a hung one is left behind: the

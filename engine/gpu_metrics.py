@@ -3,22 +3,25 @@
 From torch's caching allocator (`torch.cuda.memory_stats`, for runtimes that allocate through
 torch): reserved and allocated bytes and the fragmentation ratio, inactive_split_bytes /
 reserved_bytes, the share of reserved memory held in split blocks that no live tensor uses,
-which a long mixed-length load grows. From NVML for runtimes whose memory torch does not see
-(ONNX Runtime's CUDA arena, TensorRT): used bytes as reserved; no fragmentation (NVML cannot see
-inside an allocator).
+which a long mixed-length load grows; allocation retries (the allocator freed its cache to
+satisfy a request: a sign of pressure) and out-of-memory errors. From NVML: utilization, and
+for runtimes whose memory torch does not see (ONNX Runtime's CUDA arena, TensorRT) used bytes
+as reserved; no fragmentation there (NVML cannot see inside an allocator).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.metrics import PREFIX
 
-# device index -> torch.cuda.memory_stats(device) (the keys used below), or NVML's numbers.
+# device index -> torch.cuda.memory_stats(device) (the keys used below), or NVML's numbers
+# under the same keys, plus UTILIZATION (NVML, percent).
 DeviceStats = Mapping[int, Mapping[str, int]]
+UTILIZATION = "nvml.utilization.gpu"
 
 
 def fragmentation_ratio(stats: Mapping[str, int]) -> float | None:
@@ -29,61 +32,74 @@ def fragmentation_ratio(stats: Mapping[str, int]) -> float | None:
     return inactive_split / reserved
 
 
+ValueOf = Callable[[Mapping[str, int]], float | None]
+# (name, counter?, help, the value from one device's stats: None leaves the device out)
+FAMILIES: tuple[tuple[str, bool, str, ValueOf], ...] = (
+    ("gpu_memory_reserved_bytes", False, "Memory the GPU allocator holds.",
+     lambda stats: stats.get("reserved_bytes.all.current", 0)),
+    ("gpu_memory_allocated_bytes", False, "Memory in live tensors.",
+     lambda stats: stats.get("allocated_bytes.all.current")),
+    ("gpu_memory_fragmentation_ratio", False, "inactive_split_bytes / reserved_bytes (caching allocator).",
+     fragmentation_ratio),
+    ("gpu_memory_alloc_retries", True, "Allocations that succeeded only after the allocator freed its cache.",
+     lambda stats: stats.get("num_alloc_retries")),
+    ("gpu_memory_ooms", True, "Out-of-memory errors raised by the allocator.",
+     lambda stats: stats.get("num_ooms")),
+    ("gpu_utilization_ratio", False, "Share of the last sample period a kernel ran on the GPU (NVML).",
+     lambda stats: stats[UTILIZATION] / 100.0 if UTILIZATION in stats else None),
+)  # fmt: skip
+
+
 class GpuMemoryCollector(Collector):
     def __init__(self, read: Callable[[], DeviceStats]) -> None:
         self._read = read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         devices = self._read()
-        if not devices:
-            return
-        reserved = GaugeMetricFamily(
-            f"{PREFIX}_gpu_memory_reserved_bytes", "Memory the GPU allocator holds.", labels=["device"]
-        )
-        allocated = GaugeMetricFamily(
-            f"{PREFIX}_gpu_memory_allocated_bytes", "Memory in live tensors.", labels=["device"]
-        )
-        fragmentation = GaugeMetricFamily(
-            f"{PREFIX}_gpu_memory_fragmentation_ratio",
-            "inactive_split_bytes / reserved_bytes of the caching allocator.",
-            labels=["device"],
-        )
-        for device, stats in sorted(devices.items()):
-            label = [str(device)]
-            reserved.add_metric(label, stats.get("reserved_bytes.all.current", 0))
-            if "allocated_bytes.all.current" in stats:
-                allocated.add_metric(label, stats["allocated_bytes.all.current"])
-            ratio = fragmentation_ratio(stats)
-            if ratio is not None:
-                fragmentation.add_metric(label, ratio)
-        yield reserved
-        if allocated.samples:
-            yield allocated
-        if fragmentation.samples:
-            yield fragmentation
+        for name, counter, doc, value_of in FAMILIES if devices else ():
+            family_type = CounterMetricFamily if counter else GaugeMetricFamily
+            family = family_type(f"{PREFIX}_{name}", doc, labels=["device"])
+            for device, stats in sorted(devices.items()):
+                value = value_of(stats)
+                if value is not None:
+                    family.add_metric([str(device)], value)
+            if family.samples:
+                yield family
 
 
 def torch_allocator_stats() -> DeviceStats:
-    """Every CUDA device's allocator statistics; {} without torch or CUDA."""
+    """Every CUDA device's allocator statistics, with NVML's utilization where it answers; {}
+    without torch or CUDA."""
     try:
         import torch
     except ImportError:
         return {}
     if not torch.cuda.is_available():
         return {}
-    return {index: torch.cuda.memory_stats(index) for index in range(torch.cuda.device_count())}
+    utilization = nvml_stats()
+    return {
+        index: {**torch.cuda.memory_stats(index), **_only(utilization.get(index, {}), UTILIZATION)}
+        for index in range(torch.cuda.device_count())
+    }
+
+
+def _only(stats: Mapping[str, int], key: str) -> dict[str, int]:
+    return {key: stats[key]} if key in stats else {}
 
 
 def nvml_stats() -> DeviceStats:
-    """Used memory per device from NVML (nvidia-ml-py); {} without a driver."""
+    """Used memory and utilization per device from NVML (nvidia-ml-py); {} without a driver."""
     try:
         import pynvml  # type: ignore[import-not-found]
 
         pynvml.nvmlInit()
     except Exception:  # no library, no driver: no GPU to report
         return {}
-    return {
-        index: {"reserved_bytes.all.current": int(pynvml.nvmlDeviceGetMemoryInfo(
-            pynvml.nvmlDeviceGetHandleByIndex(index)).used)}
-        for index in range(pynvml.nvmlDeviceGetCount())
-    }  # fmt: skip
+    devices = {}
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        devices[index] = {
+            "reserved_bytes.all.current": int(pynvml.nvmlDeviceGetMemoryInfo(handle).used),
+            UTILIZATION: int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+        }
+    return devices

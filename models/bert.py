@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from models.sparse_attention import dense_attention, pattern_attention
+from models.sparse_attention import (
+    attend_blocked,
+    dense_attention,
+    global_keys,
+    kept_dense_mass,
+    pattern_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,15 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig, pattern: AttentionPattern) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern, sdpa: bool = False) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.pattern = pattern
+        # Dense attention (and a sparse pattern's dense branch) through torch's fused
+        # scaled_dot_product_attention: the torch runtime's form. Export keeps the plain matmuls
+        # (the ONNX graph's If needs both branches as traced ops).
+        self.sdpa = sdpa
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
@@ -99,7 +109,11 @@ class SelfAttention(nn.Module):
         """key_mask [batch, seq] float (1 = real token) -> context, attended pairs and kept dense
         mass per sequence (pattern_attention's contract)."""
         batch, seq_len, _ = hidden.shape
+        if self.sdpa and seq_len <= self.pattern.dense_limit:
+            return self._fused_dense(hidden, key_mask)
         q = self._split_heads(self.query(hidden)) * self.scale
+        if self.sdpa:
+            return self._blocked(q, self._split_heads(self.key(hidden)), hidden, key_mask, verify)
         k_t = self.key(hidden).view(batch, seq_len, self.num_heads, self.head_dim).permute(0, 2, 3, 1)
         v = self._split_heads(self.value(hidden))
         if self.pattern.window is not None:
@@ -112,11 +126,41 @@ class SelfAttention(nn.Module):
             kept = key_mask.sum(dim=-1)
         return context.transpose(1, 2).reshape(hidden.shape), pairs, kept
 
+    def _blocked(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor,
+        verify: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pattern_attention's blocked branch, eagerly (the scripted function is for export)."""
+        pattern = self.pattern
+        assert pattern.window is not None
+        v = self._split_heads(self.value(hidden))
+        indices, valid = global_keys(q, k, key_mask, pattern.global_tokens)
+        context, pairs = attend_blocked(q, k, v, key_mask, pattern.window, indices, valid)
+        real = key_mask.sum(dim=-1)
+        if bool(verify):
+            kept = kept_dense_mass(q, k.transpose(-1, -2), key_mask, pattern.window, indices, valid)
+        else:
+            kept = -real
+        return context.transpose(1, 2).reshape(hidden.shape), pairs, kept
+
+    def _fused_dense(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (self._split_heads(projection(hidden)) for projection in (self.query, self.key, self.value))
+        keys = key_mask[:, None, None, :] > 0  # a row with no real key would be NaN: callers give each one
+        context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        real = key_mask.sum(dim=-1)
+        return context.transpose(1, 2).reshape(hidden.shape), real * real, real
+
 
 class AttentionBlock(nn.Module):
-    def __init__(self, config: BertConfig, pattern: AttentionPattern) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern, sdpa: bool = False) -> None:
         super().__init__()
-        self.self = SelfAttention(config, pattern)
+        self.self = SelfAttention(config, pattern, sdpa)
         self.output = nn.ModuleDict(
             {
                 "dense": nn.Linear(config.hidden_size, config.hidden_size),
@@ -132,9 +176,9 @@ class AttentionBlock(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, config: BertConfig, pattern: AttentionPattern) -> None:
+    def __init__(self, config: BertConfig, pattern: AttentionPattern, sdpa: bool = False) -> None:
         super().__init__()
-        self.attention = AttentionBlock(config, pattern)
+        self.attention = AttentionBlock(config, pattern, sdpa)
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(config.hidden_size, config.intermediate_size)})
         self.output = nn.ModuleDict(
             {
@@ -154,12 +198,17 @@ class Layer(nn.Module):
 class BertEncoder(nn.Module):
     """input_ids, attention_mask [batch, seq] -> last hidden state [batch, seq, hidden]."""
 
-    def __init__(self, config: BertConfig, pattern: AttentionPattern | None = None) -> None:
+    def __init__(
+        self, config: BertConfig, pattern: AttentionPattern | None = None, *, sdpa: bool = False
+    ) -> None:
+        """`sdpa`: dense attention through torch's fused kernel (serving in torch; not for export)."""
         super().__init__()
         self.config = config
         self.pattern = pattern or AttentionPattern()
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Layer(config, self.pattern) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Layer(config, self.pattern, sdpa) for _ in range(config.num_hidden_layers)
+        )
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -221,4 +270,30 @@ def load_hf_bert(checkpoint_dir: Path, pattern: AttentionPattern | None = None) 
     missing, unexpected = model.load_state_dict(renamed, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match BERT: missing={missing} unexpected={unexpected}")
+    return model.eval()
+
+
+def save_encoder_weights(model: BertEncoder, path: Path) -> None:
+    """The encoder's weights in FP16 safetensors with its config (the torch runtime's file):
+    FP16 halves the file, and the runtime computes in FP16 or BF16 anyway."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()
+    }
+    save_file(tensors, str(path), metadata={"config": json.dumps(asdict(model.config))})
+
+
+def load_encoder_weights(path: Path, pattern: AttentionPattern, *, sdpa: bool = True) -> BertEncoder:
+    """A BertEncoder from save_encoder_weights' file, in FP32 (autocast picks the compute type)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "config" not in metadata:
+        raise ValueError(f"{path.name} holds no encoder config: not written by save_encoder_weights")
+    model = BertEncoder(BertConfig(**json.loads(metadata["config"])), pattern, sdpa=sdpa)
+    state = {name: tensor.to(torch.float32) for name, tensor in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True)
     return model.eval()

@@ -28,9 +28,12 @@ from engine.bundle import REPORT, AttentionSpec, EncoderSpec, Manifest, TaskSpec
 from engine.documents import DEFAULT_WINDOW, LongInputPolicy
 from engine.runtime.base import pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
+from engine.runtime.selection import TORCH_ENCODER
+from engine.runtime.torch_cuda import TorchEncoderRuntime, TorchOptions
 from engine.tasks.heads import MlpHead, softmax
 from engine.tasks.summarize import Selection
 from engine.tokenization import TextTokenizer, TokenizedText
+from models.bert import BertEncoder, save_encoder_weights
 from models.data import aclsum, bbc, conll, sentiment
 from models.data.packages import minilm_checkpoint
 from models.encoder_training import (
@@ -81,6 +84,13 @@ CALIBRATION_WINDOWS = 96  # at most, per source (each sensitivity trial recalibr
 # The report card's encoders: SERVED is the one CPUs serve, GPU_QDQ the one GPUs do (--gpu-graph).
 TEACHER, SPARSE_FP32, SERVED, GPU_QDQ = "dense_fp32_teacher", "sparse_fp32", "sparse_int8", "sparse_int8_qdq"
 SERVED_ENCODERS = (SERVED, GPU_QDQ)  # gated against the teacher, where built
+TORCH_WEIGHTS = "encoder.torch.safetensors"  # the torch-cuda runtime's (--gpu-graph)
+ATTENTION = AttentionSpec(
+    kind="local+global",
+    window=DEFAULT_PATTERN.window,
+    global_tokens=DEFAULT_PATTERN.global_tokens,
+    dense_up_to=DEFAULT_PATTERN.dense_up_to,
+)
 
 
 @dataclass(frozen=True)
@@ -266,6 +276,16 @@ def build(options: BuildOptions) -> Path:
     qdq = None
     if options.gpu_graph:
         qdq = _build_gpu_graph(paths, runtimes, sentiment_tokens["dev"], eval_tok, report, options)
+        report["torch_weights"] = _write_torch_weights(
+            trained.student.encoder, staging / TORCH_WEIGHTS, runtimes[SPARSE_FP32], sentiment_tokens["dev"]
+        )
+        report["gates"].append(
+            _gate(
+                "torch weights (fp16): dev token-state cosine to the fp32 student >= 0.999",
+                report["torch_weights"]["dev_cosine_to_fp32_onnx"],
+                0.999,
+            )
+        )
         runtimes[GPU_QDQ] = OnnxEncoderRuntime(paths[GPU_QDQ], intra_op_threads=2, name=GPU_QDQ)
     encoders = list(runtimes)  # the report card's columns
     served = [name for name in SERVED_ENCODERS if name in runtimes]
@@ -342,12 +362,7 @@ def build(options: BuildOptions) -> Path:
         tokenizer="tokenizer.json",
         max_length=MAX_LENGTH,
         hidden_size=trained.student.encoder.config.hidden_size,
-        attention=AttentionSpec(
-            kind="local+global",
-            window=DEFAULT_PATTERN.window,
-            global_tokens=DEFAULT_PATTERN.global_tokens,
-            dense_up_to=DEFAULT_PATTERN.dense_up_to,
-        ),
+        attention=ATTENTION,
         encoders={
             "int8": EncoderSpec(
                 "encoder.int8.onnx", "int8", f"{QUANTIZATION}; fp32: {sensitivity.keep_fp32 or 'none'}"
@@ -358,7 +373,10 @@ def build(options: BuildOptions) -> Path:
                 else {
                     "int8-qdq": EncoderSpec(
                         "encoder.qdq.onnx", "int8-qdq", f"{QDQ_QUANTIZATION}; fp32: {qdq.keep_fp32 or 'none'}"
-                    )
+                    ),
+                    TORCH_ENCODER: EncoderSpec(
+                        TORCH_WEIGHTS, "fp16", "none: FP16 weights for the torch-cuda runtime (autocast)"
+                    ),
                 }
             ),
         },
@@ -455,6 +473,23 @@ def _build_gpu_graph(
         "trials": {name: round(value, 4) for name, value in qdq.trials.items()},
     }
     return qdq
+
+
+def _write_torch_weights(
+    student: BertEncoder, path: Path, fp32_runtime: OnnxEncoderRuntime, dev_tokens: list[TokenizedText]
+) -> dict[str, Any]:
+    """The student's weights for the torch-cuda runtime, read back through that runtime (on the
+    CPU, FP32) and compared with the FP32 ONNX graph: the same model, FP16-rounded weights."""
+    save_encoder_weights(student, path)
+    reread = TorchEncoderRuntime(path, ATTENTION, TorchOptions("cpu", "float32", cuda_graphs=False))
+    torch_states = encode_all(reread, dev_tokens)
+    onnx_states = encode_all(fp32_runtime, dev_tokens)
+    cosine = float(np.mean([_mean_cosine(a, b) for a, b in zip(onnx_states, torch_states, strict=True)]))
+    return {
+        "file": path.name,
+        "mb": round(path.stat().st_size / 1e6, 1),
+        "dev_cosine_to_fp32_onnx": round(cosine, 6),
+    }
 
 
 def _choose_ner_head(

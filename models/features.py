@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.runtime.base import pad_batch
-from engine.runtime.onnx import OnnxEncoderRuntime
+from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.tokenization import TokenizedText
 
 
 def encode_all(
-    runtime: OnnxEncoderRuntime, tokens: list[TokenizedText], max_batch_tokens: int = 4096
+    runtime: EncoderRuntime, tokens: list[TokenizedText], max_batch_tokens: int = 4096
 ) -> list[np.ndarray]:
     """States [length, hidden] for each input, batched by sorted length to waste little padding."""
     order = sorted(range(len(tokens)), key=lambda i: tokens[i].length)

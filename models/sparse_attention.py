@@ -106,10 +106,10 @@ def local_global_attention(
     real queries and real keys; 1 - pairs / real^2 is its sparsity ratio).
     """
     indices, valid = global_keys(query, key, key_mask, global_tokens)
-    return _attend(query, key, value, key_mask, window, indices, valid)
+    return attend_blocked(query, key, value, key_mask, window, indices, valid)
 
 
-def _attend(
+def attend_blocked(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -211,7 +211,7 @@ def pattern_attention(
         return context, pairs, real
     key = key_t.transpose(-1, -2)
     indices, valid = global_keys(query, key, key_mask, global_tokens)
-    context, pairs = _attend(query, key, value, key_mask, window, indices, valid)
+    context, pairs = attend_blocked(query, key, value, key_mask, window, indices, valid)
     if bool(verify):
         return context, pairs, kept_dense_mass(query, key_t, key_mask, window, indices, valid)
     return context, pairs, -real

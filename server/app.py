@@ -7,6 +7,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,21 +23,28 @@ from prometheus_client import (
 from starlette.responses import Response
 
 from engine.attention import attention_boundaries
-from engine.batcher import AttentionVerification, Batcher
-from engine.bundle import AttentionSpec, Bundle, load_bundle
+from engine.batcher import GPU_MAX_BATCH_TOKENS, GPU_WARM_UP, AttentionVerification, Batcher, WarmUpPlan
+from engine.bundle import AttentionSpec, Bundle, EncoderSpec, load_bundle
 from engine.cache.breaker import CircuitBreaker
 from engine.cache.keys import CacheKeys
 from engine.cache.local import LocalTier
 from engine.cache.metrics import CacheMetrics
 from engine.cache.pool import CachePool, CacheTtl
 from engine.cache.redis_tier import RedisTier
-from engine.gpu_metrics import GpuMemoryCollector, nvml_stats
+from engine.gpu_metrics import GpuMemoryCollector, nvml_stats, torch_allocator_stats
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
 from engine.runtime.affinity import runtime_cpus, single_threaded_blas
 from engine.runtime.base import EncoderRuntime
 from engine.runtime.onnx import OnnxEncoderRuntime
-from engine.runtime.selection import choose_runtime, encoder_for, providers_for
+from engine.runtime.selection import (
+    GPU_RUNTIMES,
+    Runtime,
+    choose_runtime,
+    encoder_for,
+    probe_machine,
+    providers_for,
+)
 from engine.service import Service, ServiceLimits
 from engine.tokenization import TextTokenizer
 from server.access import AccessMiddleware, KeyRing, RateLimits
@@ -49,6 +57,7 @@ from server.settings import Settings
 
 log = logging.getLogger("sparsebert")
 DOCS_ASSETS = "/docs-assets"
+TORCH_DEVICE = "cuda"  # where torch-cuda serves (its wiring is tested on "cpu")
 
 
 def server_version() -> str:
@@ -82,6 +91,7 @@ def build_service(
     settings: Settings,
     bundle: Bundle,
     metrics: EngineMetrics,
+    runtime: Runtime,
     cache: CachePool | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> Service:
@@ -92,18 +102,9 @@ def build_service(
             f"maximum length ({manifest.max_length})"
         )
     single_threaded_blas()
-    kind, why = choose_runtime(settings.runtime)
-    encoder = encoder_for(manifest, kind)
-    log.info("runtime %s (%s), encoder %s", kind, why, encoder.file)
-    runtimes: list[EncoderRuntime] = [
-        OnnxEncoderRuntime(
-            bundle.path(encoder.file),
-            intra_op_threads=settings.intra_op_threads,
-            name=f"{kind}-{i}",
-            providers=providers_for(kind),
-        )
-        for i in range(settings.runtimes)
-    ]
+    encoder = encoder_for(manifest, runtime)
+    log.info("encoder %s on %s", encoder.file, runtime)
+    runtimes = build_runtimes(settings, bundle, runtime, encoder)
     limits = BatchLimits(
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
@@ -120,10 +121,11 @@ def build_service(
             limits,
             metrics,
             cpus=runtime_cpus(settings.pin_runtime_threads, settings.runtimes, settings.intra_op_threads),
-            wide=_wide_runtime(settings, bundle.path(encoder.file)) if kind == "onnxruntime-cpu" else None,
+            wide=_wide_runtime(settings, bundle.path(encoder.file)) if runtime == "onnxruntime-cpu" else None,
             on_fatal=on_fatal,
             hang_timeout_s=settings.runtime_hang_timeout_s,
             verification=_verification(settings, manifest.attention),
+            warm_up=_warm_up_plan(settings, runtime, runtimes),
         ),
         metrics=metrics,
         limits=ServiceLimits(
@@ -136,6 +138,39 @@ def build_service(
         cache=cache,
         coalesce=settings.coalesce,
     )
+
+
+def build_runtimes(
+    settings: Settings, bundle: Bundle, runtime: Runtime, encoder: EncoderSpec
+) -> list[EncoderRuntime]:
+    if runtime == "torch-cuda":
+        from engine.runtime.torch_cuda import TorchEncoderRuntime, TorchOptions
+
+        options = TorchOptions(TORCH_DEVICE, settings.torch_dtype, settings.cuda_graphs, GPU_MAX_BATCH_TOKENS)
+        return [
+            TorchEncoderRuntime(
+                bundle.path(encoder.file), bundle.manifest.attention, options, name=f"{runtime}-{i}"
+            )
+            for i in range(settings.runtimes)
+        ]
+    return [
+        OnnxEncoderRuntime(
+            bundle.path(encoder.file),
+            intra_op_threads=settings.intra_op_threads,
+            name=f"{runtime}-{i}",
+            providers=providers_for(runtime),
+        )
+        for i in range(settings.runtimes)
+    ]
+
+
+def _warm_up_plan(settings: Settings, runtime: Runtime, runtimes: list[EncoderRuntime]) -> WarmUpPlan:
+    """On a GPU the batch budget comes from the warm-up's measurements, unless set by hand:
+    the CPU defaults (8192 tokens, 32 inputs) leave a GPU mostly idle."""
+    if runtime not in GPU_RUNTIMES:
+        return WarmUpPlan()
+    explicit = {"max_batch_tokens", "max_batch_size"} & settings.model_fields_set
+    return replace(GPU_WARM_UP, tune_budget=not explicit)
 
 
 async def _start(service: Service) -> None:
@@ -189,10 +224,12 @@ def create_app(
                 None, lambda: load_bundle(settings.bundle, allow_failed_gates=settings.allow_failed_gates)
             )
         cache = build_cache(settings, loaded, CacheMetrics(registry))
+        machine = await loop.run_in_executor(None, probe_machine, loaded.manifest)
+        runtime, why = choose_runtime(settings.runtime, loaded.manifest, machine)
+        log.info("runtime %s (%s)", runtime, why)
         service = await loop.run_in_executor(
-            None, build_service, settings, loaded, EngineMetrics(registry), cache, on_fatal
+            None, build_service, settings, loaded, EngineMetrics(registry), runtime, cache, on_fatal
         )
-        runtime = choose_runtime(settings.runtime)[0]
         http_metrics.build.info(
             {
                 "version": server_version(),
@@ -203,7 +240,9 @@ def create_app(
             }
         )
         app.state.service = service
-        if runtime == "onnxruntime-cuda":
+        if runtime == "torch-cuda":
+            registry.register(GpuMemoryCollector(torch_allocator_stats))
+        elif runtime == "onnxruntime-cuda":
             registry.register(GpuMemoryCollector(nvml_stats))  # absent, not zero, on CPU
         # Warm up in the background: the port answers /health/live at once, /health/ready after.
         warm_up = asyncio.create_task(_start(service))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine.bundle import load_bundle
 from engine.errors import BundleError
-from engine.runtime.selection import choose_runtime
+from engine.runtime.selection import choose_runtime, probe_machine
 from server.settings import DEFAULT_BUNDLE, Settings
 
 USAGE = """usage: sparsebert {serve,build,bench,hash-key} [options]
@@ -34,7 +34,8 @@ def serve(argv: list[str]) -> int:
             return 1
     try:
         bundle = load_bundle(settings.bundle, allow_failed_gates=settings.allow_failed_gates)
-        choose_runtime(settings.runtime)  # a runtime asked for by name must load: say so before binding
+        # A runtime asked for by name must load: say so before binding.
+        choose_runtime(settings.runtime, bundle.manifest, probe_machine(bundle.manifest))
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.runtime.affinity import PinMode
 from engine.runtime.selection import RuntimeKind
+from engine.runtime.torch_cuda import TorchDtype
 from server.access import DEFAULT_PUBLIC_PATHS
 
 DEFAULT_BUNDLE = Path("bundles/minilm-multitask")
@@ -38,7 +39,18 @@ class Settings(BaseSettings):
     runtime: RuntimeKind = Field(
         "auto",
         description="Encoder runtime: auto (the best this machine can load, logged), onnxruntime-cpu, "
-        "onnxruntime-cuda (the [gpu] extra). One asked for by name that cannot load fails start-up.",
+        "onnxruntime-cuda (the [gpu] extra), torch-cuda (the [torch-cuda] extra and a bundle built "
+        "with --gpu-graph). One asked for by name that cannot load fails start-up.",
+    )
+    torch_dtype: TorchDtype = Field(
+        "float16",
+        description="Compute type of the torch-cuda runtime: float16, bfloat16 (autocast; the weights "
+        "stay FP32) or float32 (the plain baseline).",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="torch-cuda: capture a CUDA graph per batch-size and length bucket at start-up "
+        "(before ready); batches replay them instead of launching each kernel.",
     )
     runtimes: int = Field(
         2, ge=1, le=64, description="Encoder sessions run side by side (one worker thread each)."

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine.batcher import AttentionVerification, Batcher
+from engine.batcher import GPU_WARM_UP, AttentionVerification, Batcher, saturating_budget
 from engine.errors import DeadlineExceeded, NotReady
 from engine.metrics import EngineMetrics
 from engine.queue import BatchLimits
@@ -232,3 +232,35 @@ def test_sampled_batches_past_the_dense_limit_verify_and_others_do_not(rate: flo
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_the_budget_is_where_measured_throughput_stops_growing() -> None:
+    # (size, length, seconds): a CPU-like curve, whose tokens/s peaks at a modest batch ...
+    cpu = [(1, 128, 0.010), (4, 128, 0.040), (16, 128, 0.200), (4, 512, 0.260)]
+    assert saturating_budget(cpu, 0.9) == 128
+    # ... and a GPU-like one, where a launch costs most and tokens are nearly free.
+    gpu = [(1, 128, 0.004), (8, 128, 0.0045), (32, 128, 0.006), (128, 128, 0.012), (32, 512, 0.013)]
+    assert saturating_budget(gpu, 0.9) == 16384
+    assert saturating_budget(gpu, 0.5) == 4096
+
+
+class LaunchBoundRuntime(FakeRuntime):
+    """A GPU's shape of cost: a fixed launch time, then a small cost per padded token."""
+
+    def encode(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, verify: bool = False
+    ) -> RuntimeOutput:
+        time.sleep(0.004 + input_ids.size * 0.2e-6)
+        return super().encode(input_ids, attention_mask, verify)
+
+
+def test_a_gpu_warm_up_sets_the_batch_budget_from_its_measurements() -> None:
+    batcher = Batcher(
+        [LaunchBoundRuntime()], BatchLimits(), EngineMetrics(CollectorRegistry()), warm_up=GPU_WARM_UP
+    )
+    batcher.warm_up()
+    assert batcher.queue.limits.max_batch_tokens == 16384  # 128 x 128 and 32 x 512: the biggest tried
+    assert batcher.queue.limits.max_batch_size == 128
+    cpu = make_batcher(LaunchBoundRuntime())  # the default plan keeps the settings' budget
+    cpu.warm_up()
+    assert (cpu.queue.limits.max_batch_tokens, cpu.queue.limits.max_batch_size) == (8192, 32)

@@ -4,19 +4,26 @@ comes from the same code on all the data (`make train`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from fastapi.testclient import TestClient
 
+import server.app
+from engine.batcher import GPU_WARM_UP
 from engine.bundle import load_bundle
 from engine.errors import BundleError
 from engine.runtime.onnx import OnnxEncoderRuntime
-from engine.runtime.selection import encoder_for
+from engine.runtime.selection import Machine, encoder_for
+from server.app import create_app
+from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = "24"
@@ -87,6 +94,57 @@ def test_the_gpu_graph_is_static_qdq_int8_and_runs_close_to_the_cpu_graph(quick_
     gpu_graph = OnnxEncoderRuntime(quick_bundle / "encoder.qdq.onnx").encode(ids, mask).states
     cosine = (cpu * gpu_graph).sum(-1) / np.linalg.norm(cpu, axis=-1) / np.linalg.norm(gpu_graph, axis=-1)
     assert float(cosine.mean()) > 0.9
+
+
+def test_the_gpu_bundle_carries_torch_weights_equal_to_the_student(quick_bundle: Path) -> None:
+    manifest = load_bundle(quick_bundle, allow_failed_gates=True).manifest
+    assert encoder_for(manifest, "torch-cuda").file == "encoder.torch.safetensors"
+    assert "encoder.torch.safetensors" in manifest.files  # hashed like every other file
+    report = json.loads((quick_bundle / "report.json").read_text())
+    gate = next(gate for gate in report["gates"] if gate["name"].startswith("torch weights"))
+    assert gate["passed"] and report["torch_weights"]["dev_cosine_to_fp32_onnx"] > 0.999
+
+
+def _ready(client: TestClient) -> None:
+    deadline = time.monotonic() + 180
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.1)
+
+
+def test_the_server_wires_the_torch_runtime_end_to_end(
+    quick_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All of torch-cuda's path through the server but the device: `auto` on a machine whose probe
+    reports a GPU chooses it, the bundle's torch weights serve, the warm-up sets the batch budget,
+    and the answers are those of the ONNX Runtime INT8 path (up to INT8's error)."""
+    monkeypatch.setattr(server.app, "TORCH_DEVICE", "cpu")
+    small_sweep = dataclasses.replace(GPU_WARM_UP, lengths=(16, 64), sizes=(1, 8), max_tokens=512)
+    monkeypatch.setattr(server.app, "GPU_WARM_UP", small_sweep)
+    texts = ["A warm, funny and moving film.", "Dull, and far too long.", "Maria Lopez moved to Berlin."]
+    answers = {}
+    for runtime, gpu in (("auto", "a test GPU (the CPU)"), ("onnxruntime-cpu", None)):
+        machine = Machine(("CPUExecutionProvider",), gpu, "no GPU here")
+        monkeypatch.setattr(server.app, "probe_machine", lambda manifest, machine=machine: machine)
+        settings = Settings(
+            bundle=quick_bundle, allow_failed_gates=True, cache=False, grpc=False, runtime=runtime,
+            runtimes=1, wide_runtime=False,
+        )  # fmt: skip
+        with TestClient(create_app(settings)) as client:
+            _ready(client)
+            assert f'runtime="{"torch-cuda" if gpu else "onnxruntime-cpu"}"' in client.get("/metrics").text
+            limits = client.app.state.service.batcher.queue.limits  # type: ignore[attr-defined]
+            tuned = (limits.max_batch_tokens, limits.max_batch_size) != (8192, 32)
+            assert tuned == (gpu is not None)
+            response = client.post("/v1/classify", json={"inputs": texts, "model": "sentiment"})
+            assert response.status_code == 200
+            answers[runtime] = [
+                {label["label"]: label["score"] for label in result["labels"]}
+                for result in response.json()["results"]
+            ]
+    for torch_scores, onnx_scores in zip(answers["auto"], answers["onnxruntime-cpu"], strict=True):
+        assert set(torch_scores) == set(onnx_scores)
+        assert max(abs(torch_scores[label] - onnx_scores[label]) for label in onnx_scores) < 0.1
 
 
 def test_a_bundle_that_fails_a_gate_is_not_written_and_not_served(quick_bundle: Path, tmp_path: Path) -> None:

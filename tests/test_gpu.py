@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from engine.gpu_metrics import GpuMemoryCollector, fragmentation_ratio
-from engine.runtime.selection import RuntimeUnavailable, choose_runtime, providers_for
+from engine.bundle import load_bundle
+from engine.gpu_metrics import UTILIZATION, GpuMemoryCollector, fragmentation_ratio
+from engine.runtime.selection import Machine, RuntimeUnavailable, choose_runtime, encoder_for, providers_for
 from loadtest.server_process import free_port
 
 # The keys torch.cuda.memory_stats(0) reports (those the collector reads), with values of a
@@ -22,18 +23,52 @@ RECORDED = {
     "allocated_bytes.all.current": 412_090_368,
     "reserved_bytes.all.current": 1_073_741_824,
     "inactive_split_bytes.all.current": 268_435_456,
-    "num_alloc_retries": 0,
+    "num_alloc_retries": 3,
+    "num_ooms": 0,
+    UTILIZATION: 87,  # NVML's percent, merged in by torch_allocator_stats
 }
 
 
-def test_auto_picks_cuda_only_when_onnxruntime_offers_it() -> None:
-    cpu_only = ["CPUExecutionProvider"]
-    assert choose_runtime("auto", lambda: cpu_only)[0] == "onnxruntime-cpu"
-    assert choose_runtime("auto", lambda: ["CUDAExecutionProvider", *cpu_only])[0] == "onnxruntime-cuda"
-    assert choose_runtime("onnxruntime-cpu", lambda: ["CUDAExecutionProvider"])[0] == "onnxruntime-cpu"
+CPU_ONLY = ("CPUExecutionProvider",)
+CUDA_EP = ("CUDAExecutionProvider", *CPU_ONLY)
+
+
+def test_auto_picks_the_best_runtime_the_machine_and_bundle_allow(bundle_dir: Path) -> None:
+    manifest = load_bundle(bundle_dir).manifest
+    no_torch = "the bundle has no torch weights (build it with --gpu-graph)"
+    assert choose_runtime("auto", manifest, Machine(CPU_ONLY, None, no_torch))[0] == "onnxruntime-cpu"
+    kind, why = choose_runtime("auto", manifest, Machine(CUDA_EP, None, no_torch))
+    assert kind == "onnxruntime-cuda" and no_torch in why  # says why torch-cuda was passed over
+    kind, why = choose_runtime("auto", manifest, Machine(CUDA_EP, "NVIDIA H100"))
+    assert kind == "torch-cuda" and "H100" in why
+    assert (
+        choose_runtime("onnxruntime-cpu", manifest, Machine(CUDA_EP, "NVIDIA H100"))[0] == "onnxruntime-cpu"
+    )
     assert providers_for("onnxruntime-cuda")[0] == "CUDAExecutionProvider"
+    assert providers_for("torch-cuda") == ["CPUExecutionProvider"]  # never used: torch reads its own file
     with pytest.raises(RuntimeUnavailable, match=r"\[gpu\] extra"):
-        choose_runtime("onnxruntime-cuda", lambda: cpu_only)
+        choose_runtime("onnxruntime-cuda", manifest, Machine(CPU_ONLY))
+    with pytest.raises(RuntimeUnavailable, match=r"torch-cuda cannot load: torch 2\.13\.0 sees no CUDA"):
+        choose_runtime("torch-cuda", manifest, Machine(CPU_ONLY, None, "torch 2.13.0 sees no CUDA device"))
+
+
+def test_the_probe_imports_torch_only_for_a_bundle_with_torch_weights(bundle_dir: Path) -> None:
+    """The default bundle is CPU-only: probing it must not pay torch's import (~1 s, ~200 MB)."""
+    script = (
+        "import sys; from pathlib import Path; from engine.bundle import load_bundle; "
+        "from engine.runtime.selection import probe_machine; "
+        f"machine = probe_machine(load_bundle(Path({str(bundle_dir)!r})).manifest); "
+        "print(machine.torch_gpu, machine.torch_missing, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None the bundle has no torch weights (build it with --gpu-graph) False"
+
+
+def test_torch_cuda_reads_only_torch_weights(bundle_dir: Path) -> None:
+    manifest = load_bundle(bundle_dir).manifest
+    assert encoder_for(manifest, "onnxruntime-cuda").file == "encoder.int8.onnx"  # no QDQ graph: the INT8 one
+    with pytest.raises(RuntimeUnavailable, match="no encoder runtime torch-cuda can read"):
+        encoder_for(manifest, "torch-cuda")
 
 
 def test_a_runtime_asked_for_by_name_that_cannot_load_stops_start_up_in_one_line(bundle_dir: Path) -> None:
@@ -51,6 +86,18 @@ def test_a_runtime_asked_for_by_name_that_cannot_load_stops_start_up_in_one_line
     assert "onnxruntime-cuda cannot load" in result.stderr
 
 
+def test_torch_cuda_asked_for_with_a_cpu_bundle_stops_start_up_in_one_line(bundle_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle_dir), "--port", str(free_port()),
+         "--no-grpc", "--runtime", "torch-cuda"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: runtime torch-cuda cannot load: the bundle has no torch weights (build it with --gpu-graph)"
+    )
+
+
 def test_gpu_memory_metrics_from_recorded_allocator_stats() -> None:
     assert fragmentation_ratio(RECORDED) == pytest.approx(0.25)
     registry = CollectorRegistry()
@@ -59,11 +106,15 @@ def test_gpu_memory_metrics_from_recorded_allocator_stats() -> None:
     assert 'sparsebert_gpu_memory_reserved_bytes{device="0"} 1.073741824e+09' in text
     assert 'sparsebert_gpu_memory_allocated_bytes{device="0"} 4.12090368e+08' in text
     assert 'sparsebert_gpu_memory_fragmentation_ratio{device="0"} 0.25' in text
+    assert 'sparsebert_gpu_memory_alloc_retries_total{device="0"} 3.0' in text
+    assert 'sparsebert_gpu_memory_ooms_total{device="0"} 0.0' in text
+    assert 'sparsebert_gpu_utilization_ratio{device="0"} 0.87' in text
     # NVML numbers: reserved only; no fragmentation ratio it cannot know.
     registry = CollectorRegistry()
     registry.register(GpuMemoryCollector(lambda: {1: {"reserved_bytes.all.current": 5}}))
     text = generate_latest(registry).decode()
     assert "reserved_bytes" in text and "fragmentation" not in text and "allocated" not in text
+    assert "retries" not in text and "utilization" not in text
     # No device: the metrics are absent, not zero.
     registry = CollectorRegistry()
     registry.register(GpuMemoryCollector(dict))
