@@ -147,9 +147,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
         "--suite",
-        choices=("batching", "cache", "documents", "attention", "all"),
+        choices=("batching", "cache", "documents", "attention", "gpu", "all"),
         default="all",
-        help="which benchmark to run (attention: sparse vs dense encoder speed; needs the [build] extra)",
+        help="which benchmark to run (attention: sparse vs dense encoder speed, needs the [build] "
+        "extra; gpu: each runtime vs plain torch FP32 on a CUDA host, with a --gpu-graph bundle)",
     )
     parser.add_argument("--cache-requests", type=int, default=3000, help="requests per cache setup")
     parser.add_argument("--cache-concurrency", type=int, default=32)
@@ -168,6 +169,11 @@ def main(argv: list[str]) -> int:
         from models.attention_speed import main as attention_main
 
         attention_main()
+    if args.suite == "gpu":  # asked for by name only: every setup but one needs a CUDA GPU
+        from loadtest.gpu_bench import run as gpu_run
+
+        levels = [int(x) for x in args.concurrency.split(",")]
+        gpu_run(args.bundle, args.port, levels, args.duration, args.out.with_name("gpu.json"))
     return 0
 
 
