@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from seqeval.metrics import f1_score
 
-from engine.tasks.heads import MlpHead
+from engine.tasks.bio import constrained_tags, transition_scores
+from engine.tasks.heads import MlpHead, softmax
 from engine.tokenization import TokenizedText
 
 
@@ -16,15 +17,18 @@ def accuracy(head: MlpHead, features: np.ndarray, labels: np.ndarray) -> float:
 def word_predictions(
     head: MlpHead, tokens: list[TokenizedText], states: list[np.ndarray], labels: tuple[str, ...]
 ) -> list[list[str]]:
-    """Each word's tag is the tag of its first sub-word token (aggregation "first")."""
+    """Each word's tag from its first sub-word token (aggregation "first"), the sentence's tags
+    decoded as the best well-formed BIO sequence, as the server does (engine/tasks/bio.py)."""
+    start, transitions = transition_scores(labels)
     out = []
     for tok, st in zip(tokens, states, strict=True):
-        predicted = head.logits(st).argmax(axis=1)
-        words: dict[int, str] = {}
+        first: dict[int, int] = {}
         for i, word in enumerate(tok.word_ids):
-            if word is not None and word not in words:
-                words[word] = labels[int(predicted[i])]
-        out.append([words[w] for w in sorted(words)])
+            if word is not None and word not in first:
+                first[word] = i
+        rows = [first[word] for word in sorted(first)]
+        log_probs = np.log(softmax(head.logits(st[rows])) + 1e-12)
+        out.append([labels[int(i)] for i in constrained_tags(log_probs, start, transitions)])
     return out
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
+from engine.tasks.bio import constrained_tags, transition_scores
 from engine.tasks.heads import MlpHead
 from engine.tasks.ner import TokenClassifier
 from engine.tokenization import TokenizedText
@@ -68,3 +71,44 @@ def test_b_tag_starts_a_new_entity_of_the_same_type() -> None:
     states = onehot("O", "B-PER", "B-PER", "O", "O", "O", "O")
     entities = classifier().entities(TEXT, TOKENS, states, "simple")
     assert [e.word for e in entities] == ["Jo", "hn"]
+
+
+def test_ill_formed_tag_sequences_are_decoded_to_the_best_well_formed_one() -> None:
+    # Each token alone: "Jo" O (barely), "hn" I-PER; "Paris" I-LOC after O. Argmax per token
+    # would start entities with I- tags; the decoder picks B-PER I-PER and B-LOC instead.
+    states = onehot("O", "O", "I-PER", "O", "O", "I-LOC", "O")
+    states[1, LABELS.index("B-PER")] = 0.9
+    states[5, LABELS.index("B-LOC")] = 0.5
+    entities = classifier().entities(TEXT, TOKENS, states, "simple")
+    assert [(e.label, e.word) for e in entities] == [("PER", "John"), ("LOC", "Paris")]
+    # The score is the decoded tags' probability ("Jo" B-PER: 0.27), not the argmax's (O: 0.73).
+    assert entities[0].score < 0.7
+    # "none" is the raw per-token output, as in the HF contract.
+    raw = classifier().entities(TEXT, TOKENS, states, "none")
+    assert [e.label for e in raw] == ["I-PER", "I-LOC"]
+
+
+def test_the_decoder_finds_the_best_well_formed_sequence() -> None:
+    """Against brute force over every sequence, on random distributions."""
+    start, transitions = transition_scores(LABELS)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        length = int(rng.integers(1, 6))
+        log_probs = np.log(rng.dirichlet(np.ones(len(LABELS)) * 0.5, size=length))
+        best, best_score = None, -np.inf
+        for sequence in itertools.product(range(len(LABELS)), repeat=length):
+            if not well_formed([LABELS[i] for i in sequence]):
+                continue
+            score = sum(log_probs[position, label] for position, label in enumerate(sequence))
+            if score > best_score:
+                best, best_score = sequence, score
+        assert tuple(constrained_tags(log_probs, start, transitions)) == best
+
+
+def well_formed(tags: list[str]) -> bool:
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            return False
+        previous = tag
+    return True

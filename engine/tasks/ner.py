@@ -11,7 +11,8 @@ from typing import Literal
 
 import numpy as np
 
-from engine.tasks.heads import LabelledHead, softmax
+from engine.tasks.bio import constrained_tags, transition_scores
+from engine.tasks.heads import LabelledHead, MlpHead, softmax
 from engine.tokenization import TokenizedText
 
 Aggregation = Literal["none", "simple", "first", "average", "max"]
@@ -44,6 +45,13 @@ def _split_tag(label: str) -> tuple[str, str]:
 
 
 class TokenClassifier(LabelledHead):
+    """Aggregations other than "none" (the raw per-token output) decode the best well-formed
+    BIO sequence over their pieces (engine/tasks/bio.py), not each piece's argmax alone."""
+
+    def __init__(self, head: MlpHead, labels: tuple[str, ...]) -> None:
+        super().__init__(head, labels)
+        self._start, self._transitions = transition_scores(labels)
+
     def token_probs(self, states: np.ndarray) -> np.ndarray:
         return softmax(self.head.logits(states))
 
@@ -71,14 +79,18 @@ class TokenClassifier(LabelledHead):
                     )
             return out
         if aggregation == "simple":
-            pieces = [self._piece(probs[i], tokens.offsets[i], i in borders) for i in real]
+            units = [(probs[i], tokens.offsets[i], i in borders) for i in real]
         else:
-            pieces = self._words(probs, tokens, real, aggregation, borders)
+            units = self._words(probs, tokens, real, aggregation, borders)
+        if not units:
+            return []
+        vectors = np.stack([vector for vector, _, _ in units])
+        chosen = constrained_tags(np.log(vectors + 1e-12), self._start, self._transitions)
+        pieces = [
+            _Piece(self.labels[label], float(vector[label]), span[0], span[1], border)
+            for label, (vector, span, border) in zip(chosen, units, strict=True)
+        ]
         return self._group(text, pieces)
-
-    def _piece(self, probs: np.ndarray, span: tuple[int, int], border: bool = False) -> _Piece:
-        best = int(probs.argmax())
-        return _Piece(self.labels[best], float(probs[best]), span[0], span[1], border)
 
     def _words(
         self,
@@ -87,22 +99,23 @@ class TokenClassifier(LabelledHead):
         real: list[int],
         aggregation: Aggregation,
         borders: frozenset[int],
-    ) -> list[_Piece]:
+    ) -> list[tuple[np.ndarray, tuple[int, int], bool]]:
+        """Each word's label distribution, character span and whether it sits on a window border."""
         words: dict[int, list[int]] = {}
         for i in real:
             words.setdefault(tokens.word_ids[i], []).append(i)  # type: ignore[arg-type]
-        pieces = []
+        units = []
         for members in words.values():
             span = (tokens.offsets[members[0]][0], tokens.offsets[members[-1]][1])
             border = any(i in borders for i in members)
             if aggregation == "first":
-                pieces.append(self._piece(probs[members[0]], span, border))
+                vector = probs[members[0]]
             elif aggregation == "max":
-                strongest = max(members, key=lambda i: float(probs[i].max()))
-                pieces.append(self._piece(probs[strongest], span, border))
+                vector = probs[max(members, key=lambda i: float(probs[i].max()))]
             else:
-                pieces.append(self._piece(probs[members].mean(axis=0), span, border))
-        return pieces
+                vector = probs[members].mean(axis=0)
+            units.append((vector, span, border))
+        return units
 
     @staticmethod
     def _group(text: str, pieces: list[_Piece]) -> list[Entity]:
