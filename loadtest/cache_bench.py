@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.closed_loop import LoadResult, closed_loop
 from loadtest.redis_server import RedisServer
@@ -117,7 +118,9 @@ def _interleaved(
                 _report(asyncio.run(closed_loop(port, sequence, concurrency, "off", headers=NO_STORE)))
             )
             httpx.post(flush).raise_for_status()
+            before = _result_lookups(port)
             cached.append(_report(asyncio.run(closed_loop(port, sequence, concurrency, setup))))
+            _report_hits(before, _result_lookups(port))
         pairs = [(setup, off, cached)]
         if redis is not None:
             httpx.post(flush).raise_for_status()
@@ -135,6 +138,30 @@ def _report(result: LoadResult) -> LoadResult:
     print(f"  {result.setup:14} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
           f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}", flush=True)  # fmt: skip
     return result
+
+
+def _result_lookups(port: int) -> dict[tuple[str, str], float]:
+    """(tier, result) -> result-cache lookups so far, and coalesced inputs under ("coalesced", "")."""
+    counts: dict[tuple[str, str], float] = {}
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "sparsebert_cache_lookups_total" and sample.labels["kind"] == "result":
+                counts[(sample.labels["tier"], sample.labels["result"])] = sample.value
+            elif sample.name == "sparsebert_coalesced_inputs_total":
+                counts[("coalesced", "")] = sample.value
+    return counts
+
+
+def _report_hits(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> None:
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    l1 = sum(value for (tier, _), value in delta.items() if tier == "l1")
+    hits = {tier: delta.get((tier, "hit"), 0.0) for tier in ("l1", "l2")}
+    print(
+        f"  {'':14} result lookups {l1:.0f}: L1 hits {hits['l1']:.0f} ({hits['l1'] / max(l1, 1):.1%}), "
+        f"L2 hits {hits['l2']:.0f}, coalesced {delta.get(('coalesced', ''), 0.0):.0f}",
+        flush=True,
+    )
 
 
 def _kill_redis_midway(redis: RedisServer, progress: list[int], requests: int) -> threading.Thread:

@@ -282,6 +282,7 @@ def save_encoder_weights(model: BertEncoder, path: Path) -> None:
         name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()
     }
     save_file(tensors, str(path), metadata={"config": json.dumps(asdict(model.config))})
+    path.chmod(0o644)  # safetensors writes 0600: a server running as another user could not read it
 
 
 def load_encoder_weights(path: Path, pattern: AttentionPattern, *, sdpa: bool = True) -> BertEncoder:
