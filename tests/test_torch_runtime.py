@@ -147,3 +147,7 @@ def test_cuda_graph_replays_match_eager_and_the_cpu_reference(weights: tuple[Pat
         assert cosine.min() > 0.99
         assert replayed.sparsity is not None and reference.sparsity is not None
         np.testing.assert_allclose(replayed.sparsity, reference.sparsity, atol=1e-5)
+
+
+def test_the_weights_file_is_readable_by_the_serving_user(weights: tuple[Path, Path]) -> None:
+    assert weights[0].stat().st_mode & 0o044 == 0o044  # safetensors alone writes 0600

@@ -141,11 +141,13 @@ class TorchEncoderRuntime:
         states, sparsity, kept = self._model.encode_verified(input_ids, attention_mask, verify)
         return states.float(), sparsity.float(), kept.float()
 
-    def _upload(self, array: np.ndarray) -> torch.Tensor:
+    def _host(self, array: np.ndarray) -> torch.Tensor:
+        """The array as a host tensor, pinned on a GPU machine (an asynchronous upload needs it)."""
         tensor = self._torch.from_numpy(np.ascontiguousarray(array))
-        if self._device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self._device, non_blocking=True)
+        return tensor.pin_memory() if self._device.type == "cuda" else tensor
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        return self._host(array).to(self._device, non_blocking=True)
 
     def _eager(self, input_ids: np.ndarray, attention_mask: np.ndarray, verify: bool) -> RuntimeOutput:
         torch = self._torch
@@ -167,8 +169,11 @@ class TorchEncoderRuntime:
         padded_mask[size:, 0] = 1  # a padding row with no real key would be NaN in fused attention
         assert self._stream is not None
         with self._computing():
-            graph.input_ids.copy_(self._upload(padded_ids), non_blocking=True)
-            graph.attention_mask.copy_(self._upload(padded_mask), non_blocking=True)
+            # Straight into the graph's static inputs. The pinned sources are held until this call
+            # has synchronized the stream, after the copies.
+            host_ids, host_mask = self._host(padded_ids), self._host(padded_mask)
+            graph.input_ids.copy_(host_ids, non_blocking=True)
+            graph.attention_mask.copy_(host_mask, non_blocking=True)
             graph.graph.replay()
             hidden = graph.states.shape[2]
             host = graph.host_states[: size * length * hidden].view(size, length, hidden)
