@@ -86,7 +86,8 @@ def choose_runtime(requested: RuntimeKind, manifest: Manifest, machine: Machine)
         )
     return (
         "onnxruntime-cpu",
-        f"auto: no GPU execution provider in this onnxruntime ({', '.join(machine.providers)})",
+        f"auto: no GPU runtime (onnxruntime offers {', '.join(machine.providers)}; "
+        f"torch-cuda: {machine.torch_missing})",
     )
 
 
