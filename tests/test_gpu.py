@@ -138,3 +138,88 @@ def test_cuda_runtime_matches_the_cpu_reference(bundle_dir: Path) -> None:
     cpu = OnnxEncoderRuntime(model).encode(ids, mask).states
     cuda = OnnxEncoderRuntime(model, providers=providers_for("onnxruntime-cuda")).encode(ids, mask).states
     assert np.abs(cpu - cuda)[mask.astype(bool)].max() < 0.05
+
+
+GPU_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "minilm-multitask-gpu"
+
+
+def _torch_gpu_or_skip() -> Path:
+    """The --gpu-graph bundle, on a machine where torch sees a GPU (else the test skips, saying why)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the [torch-cuda] extra")
+    if not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} sees no CUDA device: on-GPU verification needs a GPU host")
+    if not (GPU_BUNDLE / "manifest.json").is_file():
+        pytest.fail(f"no GPU bundle at {GPU_BUNDLE}: run `make train-gpu` (or copy one there) first")
+    return GPU_BUNDLE
+
+
+def _real_texts() -> list[str]:
+    """CoNLL test sentences (the dense branch) and BBC test articles long enough for the sparse one."""
+    from models.data import bbc, conll
+
+    sentences = [" ".join(s.words) for s in conll.load_split("test")[:96]]
+    articles = [a.text for a in bbc.load_splits()["test"] if len(a.text.split()) > 420][:6]
+    return sentences + articles
+
+
+@pytest.mark.gpu
+def test_torch_cuda_matches_the_cpu_fp32_reference_on_the_real_bundle() -> None:
+    bundle_dir = _torch_gpu_or_skip()
+    from engine.runtime.base import pad_batch
+    from engine.runtime.torch_cuda import TorchEncoderRuntime, TorchOptions
+    from engine.tokenization import TextTokenizer
+
+    bundle = load_bundle(bundle_dir)
+    weights = bundle.path(encoder_for(bundle.manifest, "torch-cuda").file)
+    attention = bundle.manifest.attention
+    tokenizer = TextTokenizer(bundle.path(bundle.manifest.tokenizer), bundle.manifest.max_length)
+    tokens = sorted(tokenizer.encode_batch(_real_texts()), key=lambda t: t.length)
+    assert tokens[-1].length > (attention.dense_limit or 0), "no input reaches the sparse branch"
+    reference = TorchEncoderRuntime(weights, attention, TorchOptions("cpu", "float32", cuda_graphs=False))
+    # Stated tolerance, token states against FP32: mean cosine >= 0.999, and every token >= 0.99 in
+    # FP16 or >= 0.97 in BF16 (3 fewer mantissa bits; BF16 autocast on this CPU gave min 0.982,
+    # mean 0.9999 on these texts).
+    for dtype, floor in (("float16", 0.99), ("bfloat16", 0.97)):
+        gpu = TorchEncoderRuntime(weights, attention, TorchOptions("cuda", dtype, cuda_graphs=True))
+        cosines = []
+        for start in range(0, len(tokens), 8):
+            chunk = tokens[start : start + 8]
+            ids, mask = pad_batch([t.ids for t in chunk], chunk[-1].length)
+            a, b = reference.encode(ids, mask).states, gpu.encode(ids, mask).states
+            real = mask.astype(bool)
+            a, b = a[real], b[real]
+            cosines.extend((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
+        assert min(cosines) > floor and float(np.mean(cosines)) > 0.999, dtype
+
+
+@pytest.mark.gpu
+def test_the_server_on_torch_cuda_answers_as_the_cpu_one_and_exports_gpu_memory() -> None:
+    bundle_dir = _torch_gpu_or_skip()
+    from tests.conftest import start_server
+
+    texts = _real_texts()[:24]
+    answers = {}
+    for runtime in ("torch-cuda", "onnxruntime-cpu"):
+        for client in start_server(bundle_dir, "--runtime", runtime, "--no-grpc", "--no-cache"):
+            sentiment = client.post("/v1/classify", json={"inputs": texts})
+            entities = client.post("/v1/ner", json={"inputs": texts, "aggregation_strategy": "simple"})
+            assert sentiment.status_code == entities.status_code == 200
+            answers[runtime] = (
+                [r["labels"][0]["label"] for r in sentiment.json()["results"]],
+                [
+                    [(e["entity_group"], e["start"]) for e in r["entities"]]
+                    for r in entities.json()["results"]
+                ],
+            )
+            metrics = client.get("/metrics").text
+            assert f'runtime="{runtime}"' in metrics
+            on_gpu = runtime == "torch-cuda"
+            assert ('sparsebert_gpu_memory_fragmentation_ratio{device="0"}' in metrics) == on_gpu
+    agree = np.mean(
+        [a == b for a, b in zip(answers["torch-cuda"][0], answers["onnxruntime-cpu"][0], strict=True)]
+    )
+    assert agree >= 0.9  # INT8 on the CPU against FP16 on the GPU: borderline sentences may differ
+    same_entities = np.mean(
+        [a == b for a, b in zip(answers["torch-cuda"][1], answers["onnxruntime-cpu"][1], strict=True)]
+    )
+    assert same_entities >= 0.8
