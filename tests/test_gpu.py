@@ -166,7 +166,7 @@ def _real_texts() -> list[str]:
 def test_torch_cuda_matches_the_cpu_fp32_reference_on_the_real_bundle() -> None:
     bundle_dir = _torch_gpu_or_skip()
     from engine.runtime.base import pad_batch
-    from engine.runtime.torch_cuda import TorchEncoderRuntime, TorchOptions
+    from engine.runtime.torch_cuda import TorchDtype, TorchEncoderRuntime, TorchOptions
     from engine.tokenization import TextTokenizer
 
     bundle = load_bundle(bundle_dir)
@@ -179,7 +179,8 @@ def test_torch_cuda_matches_the_cpu_fp32_reference_on_the_real_bundle() -> None:
     # Stated tolerance, token states against FP32: mean cosine >= 0.999, and every token >= 0.99 in
     # FP16 or >= 0.97 in BF16 (3 fewer mantissa bits; BF16 autocast on this CPU gave min 0.982,
     # mean 0.9999 on these texts).
-    for dtype, floor in (("float16", 0.99), ("bfloat16", 0.97)):
+    tolerances: tuple[tuple[TorchDtype, float], ...] = (("float16", 0.99), ("bfloat16", 0.97))
+    for dtype, floor in tolerances:
         gpu = TorchEncoderRuntime(weights, attention, TorchOptions("cuda", dtype, cuda_graphs=True))
         cosines = []
         for start in range(0, len(tokens), 8):
