@@ -125,7 +125,7 @@ def build_service(
             on_fatal=on_fatal,
             hang_timeout_s=settings.runtime_hang_timeout_s,
             verification=_verification(settings, manifest.attention),
-            warm_up=_warm_up_plan(settings, runtime, runtimes),
+            warm_up=_warm_up_plan(settings, runtime),
         ),
         metrics=metrics,
         limits=ServiceLimits(
@@ -164,7 +164,7 @@ def build_runtimes(
     ]
 
 
-def _warm_up_plan(settings: Settings, runtime: Runtime, runtimes: list[EncoderRuntime]) -> WarmUpPlan:
+def _warm_up_plan(settings: Settings, runtime: Runtime) -> WarmUpPlan:
     """On a GPU the batch budget comes from the warm-up's measurements, unless set by hand:
     the CPU defaults (8192 tokens, 32 inputs) leave a GPU mostly idle."""
     if runtime not in GPU_RUNTIMES:
