@@ -11,7 +11,9 @@ as reserved; no fragmentation there (NVML cannot see inside an allocator).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -87,19 +89,28 @@ def _only(stats: Mapping[str, int], key: str) -> dict[str, int]:
     return {key: stats[key]} if key in stats else {}
 
 
-def nvml_stats() -> DeviceStats:
-    """Used memory and utilization per device from NVML (nvidia-ml-py); {} without a driver."""
+@functools.cache
+def _nvml() -> Any:
+    """NVML, initialised once per process; None without the library or a driver."""
     try:
         import pynvml  # type: ignore[import-not-found]
 
         pynvml.nvmlInit()
     except Exception:  # no library, no driver: no GPU to report
+        return None
+    return pynvml
+
+
+def nvml_stats() -> DeviceStats:
+    """Used memory and utilization per device from NVML (nvidia-ml-py); {} without a driver."""
+    nvml = _nvml()
+    if nvml is None:
         return {}
     devices = {}
-    for index in range(pynvml.nvmlDeviceGetCount()):
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
         devices[index] = {
-            "reserved_bytes.all.current": int(pynvml.nvmlDeviceGetMemoryInfo(handle).used),
-            UTILIZATION: int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+            "reserved_bytes.all.current": int(nvml.nvmlDeviceGetMemoryInfo(handle).used),
+            UTILIZATION: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
         }
     return devices
