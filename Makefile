@@ -74,7 +74,8 @@ fuzz: $(STAMP) bundle
 train: $(STAMP)
 	$(BIN)/sparsebert build --out $(BUNDLE)
 
-## train-gpu: the same bundle plus its static QDQ INT8 graph for GPU runtimes (~8 min more, +38 MB),
+## train-gpu: the same bundle plus its GPU encoders: the static QDQ INT8 graph (+38 MB) and the
+## student's FP16 torch weights for torch-cuda (+45 MB); ~8 min more,
 ## written to bundles/minilm-multitask-gpu (the training checkpoints are shared with `make train`)
 train-gpu: $(STAMP)
 	$(BIN)/sparsebert build --gpu-graph --out bundles/minilm-multitask-gpu
