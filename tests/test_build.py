@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from fastapi.testclient import TestClient
 
+import models.build
 import server.app
 from engine.batcher import GPU_WARM_UP
-from engine.bundle import load_bundle
+from engine.bundle import Manifest, load_bundle, write_manifest
 from engine.errors import BundleError
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.runtime.selection import Machine, encoder_for
@@ -147,14 +150,35 @@ def test_the_server_wires_the_torch_runtime_end_to_end(
         assert max(abs(torch_scores[label] - onnx_scores[label]) for label in onnx_scores) < 0.1
 
 
-def test_a_bundle_that_fails_a_gate_is_not_written_and_not_served(quick_bundle: Path, tmp_path: Path) -> None:
-    report = json.loads((quick_bundle / "report.json").read_text())
-    failed = [gate["name"] for gate in report["gates"] if not gate["passed"]]
-    assert failed, "24 examples per set should fail a gate; the refusal below needs one"
+def test_a_bundle_that_fails_a_gate_is_not_written_and_not_served(
+    quick_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether 24 examples per set fail a gate on their own varies from run to run (the seeded
+    training is not bit-reproducible across machines), so one gate is made to fail here."""
+    # Not served: the quick bundle with one gate recorded as failed (and its hashes redone).
+    served = tmp_path / "served"
+    shutil.copytree(quick_bundle, served)
+    report = json.loads((served / "report.json").read_text())
+    report["gates"][0]["passed"] = False
+    (served / "report.json").write_text(json.dumps(report))
+    write_manifest(served, Manifest.from_json(json.loads((served / "manifest.json").read_text())))
     with pytest.raises(BundleError, match="failed its quality gates"):
-        load_bundle(quick_bundle)
-    refused = _build(tmp_path / "refused")  # cached training: only export, INT8 and evaluation rerun
-    # (and no GPU graph: without --gpu-graph the bundle is the CPU one)
-    assert refused.returncode != 0
-    assert "bundle not written: failed gates" in refused.stdout + refused.stderr
-    assert not (tmp_path / "refused").exists()
+        load_bundle(served)
+    assert load_bundle(served, allow_failed_gates=True).manifest.name == "minilm-multitask"
+
+    # Not written: the build itself, with its first INT8 agreement gate unreachable (cached
+    # training: only export, INT8 and evaluation rerun).
+    real_gate = models.build._gate
+
+    def failing_agreement(
+        name: str, value: float, threshold: float, higher_is_better: bool = True
+    ) -> dict[str, Any]:
+        gate = real_gate(name, value, threshold, higher_is_better)
+        return {**gate, "passed": False} if "agree with" in name else gate
+
+    monkeypatch.setattr(models.build, "_gate", failing_agreement)
+    out = tmp_path / "refused"
+    options = models.build.BuildOptions(out=out, cache=ROOT / ".cache", limit=int(LIMIT))
+    with pytest.raises(SystemExit, match=r"bundle not written: failed gates: .*agree with"):
+        models.build.build(options)
+    assert not out.exists()
