@@ -107,6 +107,8 @@ class TorchEncoderRuntime:
         self.buckets = length_buckets(max_length, attention.dense_limit)
         if self._stream is not None and options.cuda_graphs:
             self._capture(options.max_graph_tokens)
+        if on_gpu:
+            torch.cuda.synchronize(self._device)  # weights and static inputs are in place for any stream
         self._shapes = frozenset(self._graphs)
 
     @property
@@ -199,10 +201,11 @@ class TorchEncoderRuntime:
         for size, length in shapes:
             input_ids = torch.full((size, length), 1000 % self._model.config.vocab_size, device=self._device)
             attention_mask = torch.ones((size, length), dtype=torch.int64, device=self._device)
+            assert self._stream is not None
+            self._stream.wait_stream(torch.cuda.current_stream(self._device))  # the inputs were made there
             with self._computing():
                 for _ in range(2):  # kernel selection and workspaces happen before capture
                     self._forward(input_ids, attention_mask, self._no_verify)
-            assert self._stream is not None
             self._stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with self._computing(), torch.cuda.graph(graph, pool=pool, stream=self._stream):
