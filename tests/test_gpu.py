@@ -16,6 +16,7 @@ from engine.bundle import load_bundle
 from engine.gpu_metrics import UTILIZATION, GpuMemoryCollector, fragmentation_ratio
 from engine.runtime.selection import Machine, RuntimeUnavailable, choose_runtime, encoder_for, providers_for
 from loadtest.server_process import free_port
+from tests.vectors import row_cosines
 
 # The keys torch.cuda.memory_stats(0) reports (those the collector reads), with values of a
 # plausible mixed-length load. Not recorded on a GPU: this task has none (see the README).
@@ -71,12 +72,17 @@ def test_torch_cuda_reads_only_torch_weights(bundle_dir: Path) -> None:
         encoder_for(manifest, "torch-cuda")
 
 
-def test_a_runtime_asked_for_by_name_that_cannot_load_stops_start_up_in_one_line(bundle_dir: Path) -> None:
-    result = subprocess.run(
+def _serve_asking_for(runtime: str, bundle_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`sparsebert serve --runtime <runtime>`, for a runtime that cannot load here: it exits."""
+    return subprocess.run(
         [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle_dir), "--port", str(free_port()),
-         "--no-grpc", "--runtime", "onnxruntime-cuda"],
+         "--no-grpc", "--runtime", runtime],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
+
+
+def test_a_runtime_asked_for_by_name_that_cannot_load_stops_start_up_in_one_line(bundle_dir: Path) -> None:
+    result = _serve_asking_for("onnxruntime-cuda", bundle_dir)
     import onnxruntime
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
@@ -87,11 +93,7 @@ def test_a_runtime_asked_for_by_name_that_cannot_load_stops_start_up_in_one_line
 
 
 def test_torch_cuda_asked_for_with_a_cpu_bundle_stops_start_up_in_one_line(bundle_dir: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle_dir), "--port", str(free_port()),
-         "--no-grpc", "--runtime", "torch-cuda"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    result = _serve_asking_for("torch-cuda", bundle_dir)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: runtime torch-cuda cannot load: the bundle has no torch weights (build it with --gpu-graph)"
@@ -182,14 +184,14 @@ def test_torch_cuda_matches_the_cpu_fp32_reference_on_the_real_bundle() -> None:
     tolerances: tuple[tuple[TorchDtype, float], ...] = (("float16", 0.99), ("bfloat16", 0.97))
     for dtype, floor in tolerances:
         gpu = TorchEncoderRuntime(weights, attention, TorchOptions("cuda", dtype, cuda_graphs=True))
-        cosines = []
+        cosines: list[float] = []
         for start in range(0, len(tokens), 8):
             chunk = tokens[start : start + 8]
             ids, mask = pad_batch([t.ids for t in chunk], chunk[-1].length)
             a, b = reference.encode(ids, mask).states, gpu.encode(ids, mask).states
             real = mask.astype(bool)
             a, b = a[real], b[real]
-            cosines.extend((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
+            cosines.extend(row_cosines(a, b))
         assert min(cosines) > floor and float(np.mean(cosines)) > 0.999, dtype
 
 

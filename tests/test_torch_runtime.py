@@ -18,6 +18,7 @@ from engine.runtime.torch_cuda import TorchEncoderRuntime, TorchOptions, graph_s
 from models.bert import AttentionPattern, BertEncoder, save_encoder_weights
 from models.export import export_onnx
 from tests.tiny_bert import tiny_bert_config
+from tests.vectors import row_cosines
 
 TINY = tiny_bert_config(vocab_size=200)
 ATTENTION = AttentionSpec("local+global", window=8, global_tokens=3, dense_up_to=24)
@@ -85,7 +86,7 @@ def test_reduced_precision_stays_close_to_fp32(weights: tuple[Path, Path]) -> No
     assert bf16.states.dtype == np.float32
     real = mask.astype(bool)
     a, b = fp32.states[real], bf16.states[real]
-    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    cosine = row_cosines(a, b)
     assert cosine.min() > 0.99
     assert fp32.sparsity is not None and bf16.sparsity is not None
     np.testing.assert_allclose(bf16.sparsity, fp32.sparsity, atol=1e-6)  # counted in FP32 either way
@@ -143,7 +144,7 @@ def test_cuda_graph_replays_match_eager_and_the_cpu_reference(weights: tuple[Pat
         real = mask.astype(bool)
         assert np.abs(replayed.states[real] - eager.states[real]).max() < 1e-2
         a, b = replayed.states[real], reference.states[real]
-        cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        cosine = row_cosines(a, b)
         assert cosine.min() > 0.99
         assert replayed.sparsity is not None and reference.sparsity is not None
         np.testing.assert_allclose(replayed.sparsity, reference.sparsity, atol=1e-5)
