@@ -693,9 +693,12 @@ class Service:
         waiting = self._compute(missing, tokens, keys, deadline, pool, options.priority)
         if waiting:
             try:
-                outputs = await asyncio.wait_for(
-                    asyncio.gather(*waiting.values()), timeout=max(deadline - time.monotonic(), 0.0)
-                )
+                # asyncio.timeout, not wait_for: no task per request around the futures.
+                async with asyncio.timeout_at(loop.time() + max(deadline - time.monotonic(), 0.0)):
+                    if len(waiting) == 1:
+                        outputs = [await next(iter(waiting.values()))]
+                    else:
+                        outputs = await asyncio.gather(*waiting.values())
             except TimeoutError:
                 self.metrics.rejections.labels("deadline").inc()
                 raise DeadlineExceeded(f"no result within the request's {timeout:g} s deadline") from None

@@ -34,8 +34,9 @@ from engine.tasks.ner import Entity
 from engine.tasks.summarize import Selection
 from server import schemas
 from server.errors import error_response
+from server.lean_route import LeanRoute
 
-router = APIRouter()
+router = APIRouter(route_class=LeanRoute)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorBody, "description": text}
     for code, text in {
