@@ -45,6 +45,15 @@ class LatencyModel:
         padded = batch_size * max_len
         return max(a + padded * (b + c * max_len / 512.0 + d * padded / 8192.0), 1e-5)
 
+    def costs(self, max_len: int, max_size: int) -> list[float]:
+        """predict(size, max_len) for every size from 1 to max_size, in one call."""
+        a, b, c, d = self._scalars
+        per_token = b + c * max_len / 512.0
+        growth = d * max_len / 8192.0  # d * padded / 8192, per input in the batch
+        return [
+            max(a + size * max_len * (per_token + growth * size), 1e-5) for size in range(1, max_size + 1)
+        ]
+
     def seconds_per_token(self, typical_len: int = 64) -> float:
         """Marginal cost of one padded token at a typical length, for queue-drain estimates."""
         return self.predict(8, typical_len) / (8 * typical_len)

@@ -12,6 +12,7 @@ Batch formation, each time a runtime is free:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -192,20 +193,27 @@ class BatchQueue(Generic[T]):
             ordered = ordered[start : start + LOOKAHEAD]
         lengths = [item.length for item in ordered]
         limits = self.limits
-        predict = self.latency.predict
+        # A group may reach back only to the first input on its side of every length boundary.
+        boundaries = sorted(limits.length_boundaries)
+        ranges = [bisect_left(boundaries, length) for length in lengths]
+        range_start = [0] * len(ordered)
+        for i in range(1, len(ordered)):
+            range_start[i] = range_start[i - 1] if ranges[i] == ranges[i - 1] else i
+        # Plain loops over precomputed costs: this runs each time a runtime frees up, on the
+        # event loop, for up to LOOKAHEAD x max_batch_size candidate groups.
         best = [0.0] + [float("inf")] * len(ordered)
         cut = [0] * (len(ordered) + 1)
         for end in range(1, len(ordered) + 1):
             longest = lengths[end - 1]
-            for size in range(1, min(limits.max_batch_size, end) + 1):
-                if size > 1 and size * longest > limits.max_batch_tokens:
-                    break
-                shortest = lengths[end - size]
-                if any(shortest <= boundary < longest for boundary in limits.length_boundaries):
-                    break
-                total = best[end - size] + predict(size, longest)
-                if total < best[end]:
-                    best[end], cut[end] = total, end - size
+            by_tokens = max(limits.max_batch_tokens // longest, 1)
+            sizes = min(limits.max_batch_size, by_tokens, end - range_start[end - 1])
+            costs = self.latency.costs(longest, sizes)
+            least, least_cut = best[end], cut[end]
+            for size in range(1, sizes + 1):
+                total = best[end - size] + costs[size - 1]
+                if total < least:
+                    least, least_cut = total, end - size
+            best[end], cut[end] = least, least_cut
         end = len(ordered)
         while True:
             group = ordered[cut[end] : end]
@@ -215,4 +223,5 @@ class BatchQueue(Generic[T]):
         # Oldest first inside the batch, so its results are the first to be handed back.
         group.sort(key=lambda item: item.enqueued_at)
         max_len = max(item.length for item in group)
-        return Batch(items=group, max_len=max_len, formed_at=now, predicted_s=predict(len(group), max_len))
+        predicted_s = self.latency.predict(len(group), max_len)
+        return Batch(items=group, max_len=max_len, formed_at=now, predicted_s=predicted_s)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 
 from engine.cost_model import LatencyModel
@@ -163,3 +166,54 @@ def test_high_priority_goes_first_and_finds_room_in_a_queue_full_for_others() ->
     queue2.put(QueuedItem(length=20, enqueued_at=1.1, deadline=1e9, payload="urgent", priority="high"))
     batch = queue2.next_batch(now=1.2).batch
     assert batch is not None and batch.items[0].payload == "urgent"
+
+
+def test_costs_are_the_predictions_of_each_size() -> None:
+    model = padded_cost_model()
+    model._set(np.array([1e-3, 2e-5, 3e-6, 4e-7]))  # every term of the curve in play
+    for length in (1, 17, 384):
+        assert model.costs(length, 40) == pytest.approx([model.predict(n, length) for n in range(1, 41)])
+
+
+def _reference_groups(lengths: list[int], limits: BatchLimits, model: LatencyModel) -> list[list[int]]:
+    """The partition, written as the docstring states it: every contiguous group that fits."""
+    lengths = sorted(lengths)
+    best, cut = [0.0] + [float("inf")] * len(lengths), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        for size in range(1, min(limits.max_batch_size, end) + 1):
+            shortest, longest = lengths[end - size], lengths[end - 1]
+            if size > 1 and size * longest > limits.max_batch_tokens:
+                break
+            if any(shortest <= b < longest for b in limits.length_boundaries):
+                break
+            if best[end - size] + model.predict(size, longest) < best[end]:
+                best[end], cut[end] = best[end - size] + model.predict(size, longest), end - size
+    groups, end = [], len(lengths)
+    while end:
+        groups.append(lengths[cut[end] : end])
+        end = cut[end]
+    return sorted(groups)
+
+
+def test_batch_formation_takes_the_best_partition() -> None:
+    rng = random.Random(3)
+    model = padded_cost_model(per_call_s=2e-3, per_token_s=2e-5)
+    model._set(np.array([2e-3, 2e-5, 1e-6, 1e-6]))
+    for _ in range(60):
+        limits = BatchLimits(
+            max_batch_size=rng.choice([1, 4, 32]),
+            max_batch_tokens=rng.choice([256, 2048, 8192]),
+            length_boundaries=tuple(rng.sample([64, 128, 256], rng.randint(0, 2))),
+        )
+        lengths = [rng.randint(2, 512) for _ in range(rng.randint(1, 60))]
+        queue: BatchQueue[str] = BatchQueue(limits, model)
+        for i, length in enumerate(lengths):
+            queue.put(item(length, at=i * 1e-3), admitted=True)
+        formed = []
+        while len(queue):
+            batch = queue.next_batch(now=1.0).batch
+            assert batch is not None
+            formed.append(sorted(i.length for i in batch.items))
+        # Each batch is the oldest input's group of the best partition of what is left, so the
+        # first one is a group of the partition of everything.
+        assert formed[0] in _reference_groups(lengths, limits, model)
