@@ -173,6 +173,10 @@ class Batcher:
         self.queue: BatchQueue[EncodeJob] = BatchQueue(limits, self.latency)
         self.metrics = metrics
         self._workers = [_Worker(runtime) for runtime in runtimes]
+        # Read when scraped, not set on every change: no lock taken per request on the loop.
+        metrics.queue_depth.set_function(lambda: len(self.queue))
+        metrics.queue_tokens.set_function(lambda: self.queue.queued_tokens)
+        metrics.busy_runtimes.set_function(lambda: sum(1 for worker in self._workers if worker.assigned))
         self._cpus = cpus
         self._wide = _Worker(wide) if wide is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -235,7 +239,6 @@ class Batcher:
         self.queue.put(item, admitted)
         self._queued[future] = item
         future.add_done_callback(lambda f: self._on_waiter_done(item, f))
-        self._update_gauges()
         self._dispatch()
         return future
 
@@ -274,7 +277,6 @@ class Batcher:
         log.error("the encoder runtimes cannot serve: %s", reason)
         error = NotReady(f"the encoder runtime failed ({reason}); retry on another replica")
         self._fail(self.queue.drain(), error)
-        self._update_gauges()
         if self._on_fatal is not None:
             self._on_fatal(reason)
 
@@ -300,7 +302,6 @@ class Batcher:
             # It waited at least this long: without these samples the error would be learned only
             # from the inputs that were fast enough to be served (those that timed out say most).
             self._learn_wait_error(item, time.monotonic())
-            self._update_gauges()
 
     def _dispatch(self) -> None:
         while len(self.queue):
@@ -332,7 +333,6 @@ class Batcher:
                 worker = self._wide  # alone on an idle machine: give it every core
             worker.assigned += 1
             worker.inbox.put(batch)
-        self._update_gauges()
 
     def _fail_expired(self, items: list[QueuedItem[EncodeJob]]) -> None:
         waiting = [item for item in items if not item.payload.future.done()]
@@ -419,11 +419,6 @@ class Batcher:
                         )
                     )
         self._dispatch()
-
-    def _update_gauges(self) -> None:
-        self.metrics.queue_depth.set(len(self.queue))
-        self.metrics.queue_tokens.set(self.queue.queued_tokens)
-        self.metrics.busy_runtimes.set(sum(1 for worker in self._workers if worker.assigned))
 
     def warm_up(self) -> None:
         """Run every runtime over the plan's grid of shapes (blocking) and seed the latency model;

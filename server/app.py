@@ -273,6 +273,9 @@ def create_app(
         description="Classification and NER from INT8 BERT encoders, with length-aware dynamic batching.",
         lifespan=lifespan,
         static_url=DOCS_ASSETS,
+        # Off, FastAPI looks up three OpenTelemetry providers on every request to learn that
+        # none is configured; this server's own telemetry is its Prometheus metrics.
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.registry = registry

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     )
     rate_limit_token_burst: float = Field(20_000.0, ge=1, description="Tokens a caller may use at once.")
     cors_origins: list[str] = Field([], description="Origins allowed by CORS (none: CORS off).")
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry spans, metrics and logs, through the global "
+        "providers (e.g. under opentelemetry-instrument). Off: no provider checks on every request.",
+    )
     log_level: str = Field("info", description="uvicorn log level.")
 
     @model_validator(mode="after")
