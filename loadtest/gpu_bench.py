@@ -10,7 +10,6 @@ reported with the one line the server would refuse it with, not left out silentl
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from engine.bundle import load_bundle
 from engine.errors import BundleError
 from engine.runtime.selection import RuntimeKind, choose_runtime, probe_machine
 from engine.tokenization import TextTokenizer
-from loadtest.closed_loop import LoadResult, closed_loop
+from loadtest.closed_loop import LoadResult, run_closed_loop
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -86,9 +85,9 @@ def run(bundle_dir: Path, port: int, levels: list[int], duration_s: float, out: 
             bundle_dir, port, ("--runtime", runtime, "--no-cache", "--no-coalesce", *flags)
         )
         try:
-            asyncio.run(closed_loop(port, texts, 4, name, duration_s=2.0))  # warm connections
+            run_closed_loop(port, texts, 4, name, duration_s=2.0)  # warm connections
             for level in levels:
-                point = asyncio.run(closed_loop(port, texts, level, name, duration_s=duration_s))
+                point = run_closed_loop(port, texts, level, name, duration_s=duration_s)
                 result.points.append(point)
                 result.tokens_per_s.append(round(point.rps * mean_tokens, 1))
                 print(

@@ -36,17 +36,16 @@ class HttpConnection:
         """Send one pre-encoded request; returns (status, body)."""
         reader, writer = await self._connect()
         writer.write(request)
-        status_line = await reader.readline()
-        if not status_line:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")  # one read for the status line and headers
+        except asyncio.IncompleteReadError:
             await self.close()
-            raise ConnectionError("the server closed the connection")
+            raise ConnectionError("the server closed the connection") from None
+        status_line, _, header_block = head.partition(b"\r\n")
         status = int(status_line.split(b" ", 2)[1])
         length = 0
         keep_alive = True
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b""):
-                break
+        for line in header_block.split(b"\r\n"):
             name, _, value = line.partition(b":")
             lowered = name.strip().lower()
             if lowered == b"content-length":
