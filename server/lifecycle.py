@@ -61,6 +61,7 @@ def run(settings: Settings, bundle: Bundle) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        server_header=False,  # no "server: uvicorn" on every response: it names the stack to scanners
     )
     server = DrainingServer(config, app)
     server.run()
