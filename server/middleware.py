@@ -1,7 +1,8 @@
 """Pure ASGI middleware: request-body size limit, cancellation on disconnect, request metrics.
 
 Written as raw ASGI (not BaseHTTPMiddleware): the body limit refuses an oversized body before it
-is read, and only the disconnect watcher costs a task per request, which is its job.
+is read, and only the disconnect watcher costs a task, for requests still running once their
+body is read.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ class BodyLimitMiddleware:
 
 class CancelOnDisconnectMiddleware:
     """Cancel a request's handler when its client goes away, so its queued inputs leave the queue
-    before compute (uvicorn reports the disconnect but lets the handler run on)."""
+    before compute (uvicorn reports the disconnect but lets the handler run on).
+
+    The handler runs in the request's own task. Once it has read the body, a watcher task waits
+    for the disconnect, started only if the handler is still running by the loop's next turn: a
+    cache hit is answered before then and costs no task at all (two tasks a request before)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -77,32 +82,39 @@ class CancelOnDisconnectMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body_read = asyncio.Event()
-        client_gone = False
+        request_task = asyncio.current_task()
+        assert request_task is not None
+        finished = client_gone = False
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch() -> None:
+            nonlocal client_gone
+            # The handler no longer reads: the next message is ours.
+            if (await receive())["type"] == "http.disconnect" and not finished:
+                client_gone = True
+                request_task.cancel()
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if not finished and watcher is None:
+                watcher = asyncio.ensure_future(watch())
 
         async def tracking_receive() -> Message:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
-                body_read.set()
+                asyncio.get_running_loop().call_soon(start_watching)
             return message
 
-        handler = asyncio.ensure_future(self.app(scope, tracking_receive, send))
-
-        async def watch() -> None:
-            nonlocal client_gone
-            await body_read.wait()  # the handler no longer reads: the next message is ours
-            if (await receive())["type"] == "http.disconnect" and not handler.done():
-                client_gone = True
-                handler.cancel()
-
-        watcher = asyncio.ensure_future(watch())
         try:
-            await handler
+            await self.app(scope, tracking_receive, send)
         except asyncio.CancelledError:
             if not client_gone:
                 raise
+            request_task.uncancel()  # the cancellation was ours, and it is handled
         finally:
-            watcher.cancel()
+            finished = True
+            if watcher is not None:
+                watcher.cancel()
 
 
 class RequestMetricsMiddleware:
