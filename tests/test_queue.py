@@ -217,3 +217,18 @@ def test_batch_formation_takes_the_best_partition() -> None:
         # Each batch is the oldest input's group of the best partition of what is left, so the
         # first one is a group of the partition of everything.
         assert formed[0] in _reference_groups(lengths, limits, model)
+
+
+def test_a_long_input_is_credited_its_own_compute_time_and_no_more() -> None:
+    """Ranked by arrival less its own predicted compute time: a 400-token input (~5 ms here)
+    goes before a short one that came 2 ms earlier, not before one that came 10 ms earlier."""
+    queue = make_queue(max_batch_tokens=512)
+    queue.put(item(10, at=0.000, name="short"))
+    queue.put(item(400, at=0.002, name="long"))
+    batch = queue.next_batch(now=1.0).batch
+    assert batch is not None and [i.payload for i in batch.items] == ["long"]
+    queue = make_queue(max_batch_tokens=512)
+    queue.put(item(10, at=0.000, name="short"))
+    queue.put(item(400, at=0.010, name="long"))
+    batch = queue.next_batch(now=1.0).batch
+    assert batch is not None and [i.payload for i in batch.items] == ["short"]
