@@ -21,7 +21,7 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 from fastapi import params
 from fastapi.exceptions import RequestValidationError
@@ -68,8 +68,8 @@ def plan_call(endpoint: Callable[..., Any]) -> _Plan | None:
         annotation, default = hints.get(name), parameter.default
         if annotation is Request:
             request_name = name
-        elif isinstance(default, params.Header):
-            alias = default.alias or name.replace("_", "-")
+        elif isinstance(default, params.Header) and not _is_sequence(annotation):
+            alias = default.alias or (name.replace("_", "-") if default.convert_underscores else name)
             adapter: TypeAdapter[Any] = TypeAdapter(Annotated[annotation, default])  # type: ignore[arg-type]
             headers.append(_HeaderParam(name, alias, alias.lower(), adapter, default.default))
         elif (
@@ -82,6 +82,11 @@ def plan_call(endpoint: Callable[..., Any]) -> _Plan | None:
         else:
             return None
     return _Plan(body_name, body_model, request_name, tuple(headers))
+
+
+def _is_sequence(annotation: Any) -> bool:
+    """A list-like header (FastAPI reads every value of it): left to FastAPI's handler."""
+    return any(get_origin(a) in (list, tuple, set, frozenset) for a in (annotation, *get_args(annotation)))
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -150,6 +155,8 @@ def lean_handler(endpoint: Callable[..., Awaitable[Response]], plan: _Plan) -> H
 
 
 class LeanRoute(APIRoute):
+    lean = False  # True where this class's handler serves the route
+
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         plan = (

@@ -44,6 +44,13 @@ async def with_query(q: int = Query(1)) -> Response:
     return Response(str(q))
 
 
+TAG_HEADER = Header(None)
+
+
+async def with_list_header(x_tag: list[str] | None = TAG_HEADER) -> Response:
+    return Response(",".join(x_tag or []))
+
+
 def _app(route_class: type) -> FastAPI:
     app = FastAPI()
     router = APIRouter(route_class=route_class)
@@ -93,6 +100,7 @@ def test_routes_it_cannot_serve_exactly_keep_fastapis_handler() -> None:
     assert getattr(routes["/t"], "lean", False)
     assert not getattr(routes["/q"], "lean", False)
     assert plan_call(with_query) is None
+    assert plan_call(with_list_header) is None
     assert TestClient(_app(LeanRoute)).get("/q?q=4").text == "4"
 
 
