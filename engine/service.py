@@ -693,10 +693,7 @@ class Service:
             try:
                 # asyncio.timeout, not wait_for: no task per request around the futures.
                 async with asyncio.timeout_at(loop.time() + max(deadline - time.monotonic(), 0.0)):
-                    if len(waiting) == 1:
-                        outputs = [await next(iter(waiting.values()))]
-                    else:
-                        outputs = await asyncio.gather(*waiting.values())
+                    outputs = await asyncio.gather(*waiting.values())
             except TimeoutError:
                 self.metrics.rejections.labels("deadline").inc()
                 raise DeadlineExceeded(f"no result within the request's {timeout:g} s deadline") from None

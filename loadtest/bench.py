@@ -27,7 +27,7 @@ from engine.bundle import load_bundle
 from engine.runtime.base import pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
-from loadtest.closed_loop import LoadResult, run_closed_loop
+from loadtest.closed_loop import LoadResult, closed_loop, run_on_uvloop
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -53,11 +53,11 @@ def _run_setup(
     so its ratio to the ceiling compares runs seconds apart, not minutes."""
     process = start_server(bundle, port, flags)
     try:
-        run_closed_loop(port, texts, 4, setup, duration_s=2.0)  # warm the connections and caches
+        run_on_uvloop(closed_loop(port, texts, 4, setup, duration_s=2.0))  # warm the connections and caches
         results = []
         for level in levels:
             before = engine.ceiling_point(budget, duration_s / 2)
-            result = run_closed_loop(port, texts, level, setup, duration_s=duration_s)
+            result = run_on_uvloop(closed_loop(port, texts, level, setup, duration_s=duration_s))
             after = engine.ceiling_point(budget, duration_s / 2)
             result.ceiling_sorted = round((before[0] + after[0]) / 2, 1)
             result.ceiling_shuffled = round((before[1] + after[1]) / 2, 1)

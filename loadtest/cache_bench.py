@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.closed_loop import LoadResult, run_closed_loop
+from loadtest.closed_loop import LoadResult, closed_loop, run_on_uvloop
 from loadtest.redis_server import RedisServer
 from loadtest.server_process import free_port, start_server, stop_server
 from loadtest.workload import generate
@@ -109,21 +109,27 @@ def _interleaved(
     process = start_server(bundle, port, ("--no-coalesce", "--admin-api", *flags))
     flush = f"http://127.0.0.1:{port}/admin/cache/flush"
     try:
-        run_closed_loop(port, [f"warm-up text {i}" for i in range(64)], 4, "warm", headers=NO_STORE)
+        run_on_uvloop(
+            closed_loop(port, [f"warm-up text {i}" for i in range(64)], 4, "warm", headers=NO_STORE)
+        )
         off: list[LoadResult] = []
         cached: list[LoadResult] = []
         for _ in range(ROUNDS):
-            off.append(_report(run_closed_loop(port, sequence, concurrency, "off", headers=NO_STORE)))
+            off.append(
+                _report(run_on_uvloop(closed_loop(port, sequence, concurrency, "off", headers=NO_STORE)))
+            )
             httpx.post(flush).raise_for_status()
             before = _result_lookups(port)
-            cached.append(_report(run_closed_loop(port, sequence, concurrency, setup)))
+            cached.append(_report(run_on_uvloop(closed_loop(port, sequence, concurrency, setup))))
             _report_hits(before, _result_lookups(port))
         pairs = [(setup, off, cached)]
         if redis is not None:
             httpx.post(flush).raise_for_status()
             progress = [0]
             chaos = _kill_redis_midway(redis, progress, len(sequence))
-            killed = run_closed_loop(port, sequence, concurrency, "Redis killed", progress=progress)
+            killed = run_on_uvloop(
+                closed_loop(port, sequence, concurrency, "Redis killed", progress=progress)
+            )
             chaos.join()
             pairs.append((f"{setup}, Redis killed midway", off, [_report(killed)]))
         return pairs
@@ -182,7 +188,7 @@ def _kill_redis_midway(redis: RedisServer, progress: list[int], requests: int) -
 
 def _one_by_one(port: int, texts: list[str]) -> tuple[float, float]:
     """p50 and p99 in ms of `texts` sent one at a time."""
-    result = run_closed_loop(port, texts, 1, "latency")
+    result = run_on_uvloop(closed_loop(port, texts, 1, "latency"))
     return result.p50_ms, result.p99_ms
 
 

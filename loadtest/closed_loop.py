@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 import uvloop
 
 from loadtest.http_client import HttpConnection
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,24 +39,11 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_closed_loop(
-    port: int,
-    texts: list[str],
-    concurrency: int,
-    setup: str,
-    *,
-    duration_s: float | None = None,
-    headers: dict[str, str] | None = None,
-    progress: list[int] | None = None,
-) -> LoadResult:
-    """`closed_loop` on a uvloop event loop: the load generator's CPU is the server's loss on a
-    2-core machine, and uvloop's streams cost about half of asyncio's."""
+def run_on_uvloop(load: Coroutine[Any, Any, T]) -> T:
+    """Run a load generator on a uvloop event loop: its CPU is the server's loss on a 2-core
+    machine, and uvloop's streams cost about half of asyncio's."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(
-            closed_loop(
-                port, texts, concurrency, setup, duration_s=duration_s, headers=headers, progress=progress
-            )
-        )
+        return runner.run(load)
 
 
 async def closed_loop(

@@ -21,7 +21,7 @@ from engine.bundle import load_bundle
 from engine.errors import BundleError
 from engine.runtime.selection import RuntimeKind, choose_runtime, probe_machine
 from engine.tokenization import TextTokenizer
-from loadtest.closed_loop import LoadResult, run_closed_loop
+from loadtest.closed_loop import LoadResult, closed_loop, run_on_uvloop
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -85,9 +85,9 @@ def run(bundle_dir: Path, port: int, levels: list[int], duration_s: float, out: 
             bundle_dir, port, ("--runtime", runtime, "--no-cache", "--no-coalesce", *flags)
         )
         try:
-            run_closed_loop(port, texts, 4, name, duration_s=2.0)  # warm connections
+            run_on_uvloop(closed_loop(port, texts, 4, name, duration_s=2.0))  # warm connections
             for level in levels:
-                point = run_closed_loop(port, texts, level, name, duration_s=duration_s)
+                point = run_on_uvloop(closed_loop(port, texts, level, name, duration_s=duration_s))
                 result.points.append(point)
                 result.tokens_per_s.append(round(point.rps * mean_tokens, 1))
                 print(

@@ -13,9 +13,8 @@ import httpx
 import numpy as np
 import orjson
 import psutil
-import uvloop
 
-from loadtest.closed_loop import run_closed_loop
+from loadtest.closed_loop import closed_loop, run_on_uvloop
 from loadtest.http_client import HttpConnection
 from loadtest.server_process import free_port, start_server, stop_server
 from loadtest.workload import load_workload
@@ -60,15 +59,14 @@ def test_three_times_capacity_gets_fast_429s_and_the_accepted_stay_within_the_sl
     )
     try:
         texts = load_workload()
-        capacity = run_closed_loop(
-            port, texts[:300], 32, "capacity", headers={"Cache-Control": "no-store"}
+        capacity = run_on_uvloop(
+            closed_loop(port, texts[:300], 32, "capacity", headers={"Cache-Control": "no-store"})
         ).rps
         process = psutil.Process(server.pid)
         rss_before = process.memory_info().rss
         # The client on uvloop: it opens ~800 connections a second on the server's two cores, and
         # its own scheduling delays count in the latencies it measures.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            results = runner.run(open_loop(port, texts, capacity * OVERLOAD, SECONDS))
+        results = run_on_uvloop(open_loop(port, texts, capacity * OVERLOAD, SECONDS))
         rss_after = process.memory_info().rss
         rejections = [
             line for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
