@@ -14,7 +14,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from engine.bundle import load_bundle
 from engine.gpu_metrics import UTILIZATION, GpuMemoryCollector, fragmentation_ratio
-from engine.runtime.selection import Machine, RuntimeUnavailable, choose_runtime, encoder_for, providers_for
+from engine.runtime.selection import (
+    Machine,
+    RuntimeUnavailable,
+    choose_runtime,
+    encoder_for,
+    installed,
+    providers_for,
+)
 from loadtest.server_process import free_port
 from tests.vectors import row_cosines
 
@@ -51,6 +58,21 @@ def test_auto_picks_the_best_runtime_the_machine_and_bundle_allow(bundle_dir: Pa
         choose_runtime("onnxruntime-cuda", manifest, Machine(CPU_ONLY))
     with pytest.raises(RuntimeUnavailable, match=r"torch-cuda cannot load: torch 2\.13\.0 sees no CUDA"):
         choose_runtime("torch-cuda", manifest, Machine(CPU_ONLY, None, "torch 2.13.0 sees no CUDA device"))
+
+
+def test_both_onnxruntime_distributions_installed_is_named_with_its_fix(bundle_dir: Path) -> None:
+    """pip cannot drop `onnxruntime` for the [gpu] extra; with both installed the CUDA provider is
+    often missing, and the refusal (or auto's reason) must say why and how to mend it."""
+    manifest = load_bundle(bundle_dir).manifest
+    clashing = Machine(CPU_ONLY, None, "torch is not installed", ort_clash=True)
+    with pytest.raises(
+        RuntimeUnavailable, match=r"both installed.*pip uninstall -y onnxruntime onnxruntime-gpu"
+    ):
+        choose_runtime("onnxruntime-cuda", manifest, clashing)
+    kind, why = choose_runtime("auto", manifest, clashing)
+    assert kind == "onnxruntime-cpu" and "both installed" in why
+    assert "both installed" not in choose_runtime("auto", manifest, Machine(CPU_ONLY, None, "x"))[1]
+    assert installed("onnxruntime") and not installed("sparsebert-no-such-distribution")
 
 
 def test_the_probe_imports_torch_only_for_a_bundle_with_torch_weights(bundle_dir: Path) -> None:

@@ -13,6 +13,7 @@ attention. TensorRT is not built (issue 8: no TensorRT can be installed here).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ GPU_RUNTIMES: frozenset[Runtime] = frozenset({"onnxruntime-cuda", "torch-cuda"})
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # The bundle's encoder key for the torch runtime's weights (written by `sparsebert build --gpu-graph`).
 TORCH_ENCODER = "torch-fp16"
+# Both distributions install the one `onnxruntime` module, each over the other's files: with both
+# present the CUDA provider is often missing (microsoft/onnxruntime#26996). pip cannot drop a base
+# dependency for an extra, so `.[gpu]` brings both, and the GPU image swaps them.
+ORT_CLASH = (
+    "onnxruntime and onnxruntime-gpu are both installed and share one module, so the CUDA provider "
+    "may be missing; keep onnxruntime-gpu alone: pip uninstall -y onnxruntime onnxruntime-gpu && "
+    "pip install --no-deps onnxruntime-gpu==<its version>"
+)
 
 
 class RuntimeUnavailable(BundleError):
@@ -43,6 +52,15 @@ class Machine:
     providers: tuple[str, ...]
     torch_gpu: str | None = None
     torch_missing: str = "not probed"
+    ort_clash: bool = False  # onnxruntime and onnxruntime-gpu both installed
+
+
+def installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def probe_machine(manifest: Manifest) -> Machine:
@@ -50,15 +68,18 @@ def probe_machine(manifest: Manifest) -> Machine:
     import onnxruntime as ort
 
     providers = tuple(ort.get_available_providers())
+    clash = installed("onnxruntime") and installed("onnxruntime-gpu")
+    if clash:
+        log.warning(ORT_CLASH)
     if TORCH_ENCODER not in manifest.encoders:
-        return Machine(providers, None, "the bundle has no torch weights (build it with --gpu-graph)")
+        return Machine(providers, None, "the bundle has no torch weights (build it with --gpu-graph)", clash)
     if importlib.util.find_spec("torch") is None:
-        return Machine(providers, None, "torch is not installed (the [torch-cuda] extra)")
+        return Machine(providers, None, "torch is not installed (the [torch-cuda] extra)", clash)
     import torch
 
     if not torch.cuda.is_available():
-        return Machine(providers, None, f"torch {torch.__version__} sees no CUDA device")
-    return Machine(providers, torch.cuda.get_device_name(0))
+        return Machine(providers, None, f"torch {torch.__version__} sees no CUDA device", clash)
+    return Machine(providers, torch.cuda.get_device_name(0), ort_clash=clash)
 
 
 def choose_runtime(requested: RuntimeKind, manifest: Manifest, machine: Machine) -> tuple[Runtime, str]:
@@ -67,10 +88,14 @@ def choose_runtime(requested: RuntimeKind, manifest: Manifest, machine: Machine)
         return "onnxruntime-cpu", "asked for"
     if requested == "onnxruntime-cuda":
         if CUDA_PROVIDER not in machine.providers:
+            fix = (
+                ORT_CLASH
+                if machine.ort_clash
+                else "install the [gpu] extra (onnxruntime-gpu, CUDA 13, cuDNN 9)"
+            )
             raise RuntimeUnavailable(
                 f"runtime onnxruntime-cuda cannot load: this onnxruntime has no {CUDA_PROVIDER} "
-                f"(it has {', '.join(machine.providers)}); "
-                "install the [gpu] extra (onnxruntime-gpu, CUDA 13, cuDNN 9)"
+                f"(it has {', '.join(machine.providers)}); {fix}"
             )
         return "onnxruntime-cuda", "asked for"
     if requested == "torch-cuda":
@@ -84,10 +109,11 @@ def choose_runtime(requested: RuntimeKind, manifest: Manifest, machine: Machine)
             "onnxruntime-cuda",
             f"auto: onnxruntime offers {CUDA_PROVIDER} (torch-cuda: {machine.torch_missing})",
         )
+    clash = f"; {ORT_CLASH}" if machine.ort_clash else ""
     return (
         "onnxruntime-cpu",
         f"auto: no GPU runtime (onnxruntime offers {', '.join(machine.providers)}; "
-        f"torch-cuda: {machine.torch_missing})",
+        f"torch-cuda: {machine.torch_missing}{clash})",
     )
 
 
