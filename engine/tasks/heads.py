@@ -70,5 +70,6 @@ def mean_pool(states: np.ndarray) -> np.ndarray:
 def masked_mean(states: np.ndarray, lengths: list[int]) -> np.ndarray:
     """[batch, max_len, hidden] padded states -> [batch, hidden], each row the mean of its own
     tokens (the first `lengths[i]`): one batched pass instead of one call per input."""
-    mask = np.arange(states.shape[1])[None, :] < np.asarray(lengths)[:, None]
-    return np.einsum("bth,bt->bh", states, mask.astype(states.dtype)) / np.asarray(lengths)[:, None]
+    counts = np.asarray(lengths, dtype=states.dtype)[:, None]  # the states' dtype: float32 heads
+    mask = np.arange(states.shape[1])[None, :] < counts
+    return np.einsum("bth,bt->bh", states, mask.astype(states.dtype)) / counts
