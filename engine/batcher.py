@@ -368,6 +368,7 @@ class Batcher:
             live = [item for item in batch.items if not item.cancelled and item.deadline > now]
             outcome: _BatchOutput | BaseException | None = None
             if live:
+                cpu_started = time.thread_time()
                 max_len = max(item.length for item in live)
                 worker.running_since, worker.running = time.monotonic(), batch
                 try:
@@ -380,6 +381,7 @@ class Batcher:
                 except Exception as exc:  # handed to the loop, which fails the batch
                     outcome = exc
                 worker.running = None
+                self.metrics.runtime_cpu.inc(time.thread_time() - cpu_started)
             self._loop.call_soon_threadsafe(self._complete, worker, live, expired, outcome)
 
     def _complete(

@@ -91,6 +91,12 @@ class EngineMetrics:
             "Inputs that joined an identical input's encoding in flight instead of running again.",
             registry=registry,
         )
+        self.runtime_cpu = Counter(
+            f"{PREFIX}_runtime_cpu_seconds",
+            "CPU time the runtime threads spent computing batches (padding, encoder, pooling, heads); "
+            "a runtime's own thread, not the intra-op threads ONNX Runtime adds beside it.",
+            registry=registry,
+        )
         self.rejections = Counter(
             f"{PREFIX}_rejections",
             "Inputs refused or dropped, by reason.",

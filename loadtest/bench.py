@@ -20,14 +20,18 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
+import httpx
 import numpy as np
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.bundle import load_bundle
 from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
-from loadtest.closed_loop import LoadResult, closed_loop, run_on_uvloop
+from loadtest.closed_loop import CpuAccount, LoadResult, closed_loop, run_on_uvloop
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -48,19 +52,27 @@ def _run_setup(
     duration_s: float,
     engine: RawEngine,
     budget: int,
+    account_cpu: bool,
 ) -> list[LoadResult]:
     """Each load point sits between two raw-engine measurements (the server idles meanwhile),
-    so its ratio to the ceiling compares runs seconds apart, not minutes."""
+    so its ratio to the ceiling compares runs seconds apart, not minutes. `account_cpu`: split
+    the server's CPU (only for single-thread runtimes: sparsebert_runtime_cpu_seconds counts the
+    runtime's own thread, not the intra-op threads ONNX Runtime adds beside it)."""
     process = start_server(bundle, port, flags)
     try:
         run_on_uvloop(closed_loop(port, texts, 4, setup, duration_s=2.0))  # warm the connections and caches
         results = []
         for level in levels:
             before = engine.ceiling_point(budget, duration_s / 2)
+            server_before = ServerCpu.read(port, process.pid)
             result = run_on_uvloop(closed_loop(port, texts, level, setup, duration_s=duration_s))
+            server_after = ServerCpu.read(port, process.pid)
             after = engine.ceiling_point(budget, duration_s / 2)
-            result.ceiling_sorted = round((before[0] + after[0]) / 2, 1)
-            result.ceiling_shuffled = round((before[1] + after[1]) / 2, 1)
+            result.ceiling_sorted = round((before[0].texts_per_s + after[0].texts_per_s) / 2, 1)
+            result.ceiling_shuffled = round((before[1].texts_per_s + after[1].texts_per_s) / 2, 1)
+            raw_cpu_s = float(np.mean([rate.cpu_s_per_text for rate in (*before, *after)]))
+            if account_cpu:
+                result.cpu = server_after.account_since(server_before, result.requests, raw_cpu_s)
             print(
                 f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
                 f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
@@ -72,6 +84,48 @@ def _run_setup(
         return results
     finally:
         stop_server(process)
+
+
+class ServerCpu(NamedTuple):
+    """The server process's CPU seconds and the counters of its /metrics that split them."""
+
+    process_s: float
+    runtime_s: float  # sparsebert_runtime_cpu_seconds
+    texts: float  # inputs batched
+    padded_tokens: float
+    real_tokens: float
+
+    @classmethod
+    def read(cls, port: int, pid: int) -> ServerCpu:
+        times = psutil.Process(pid).cpu_times()
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+            for sample in family.samples
+            if not sample.labels
+        }
+        return cls(
+            times.user + times.system,
+            samples["sparsebert_runtime_cpu_seconds_total"],
+            samples["sparsebert_batch_size_sum"],
+            samples["sparsebert_batch_tokens_sum"],
+            samples["sparsebert_input_tokens_sum"],
+        )
+
+    def account_since(self, earlier: ServerCpu, requests: int, raw_cpu_s_per_text: float) -> CpuAccount:
+        process_s, runtime_s, texts, padded, real = (a - b for a, b in zip(self, earlier, strict=True))
+        return CpuAccount(
+            server_ms_per_request=round(1000 * process_s / max(requests, 1), 3),
+            runtime_ms_per_text=round(1000 * runtime_s / max(texts, 1), 3),
+            rest_ms_per_request=round(1000 * (process_s - runtime_s) / max(requests, 1), 3),
+            padding_share=round(1 - real / padded, 3) if padded else 0.0,
+            raw_ms_per_text=round(1000 * raw_cpu_s_per_text, 3),
+        )
+
+
+class RawRate(NamedTuple):
+    texts_per_s: float
+    cpu_s_per_text: float  # CPU time of the sessions' threads, a text
 
 
 class RawEngine:
@@ -98,7 +152,7 @@ class RawEngine:
             start = end
         return out
 
-    def texts_per_s(self, batches: list[tuple[np.ndarray, np.ndarray]], duration_s: float) -> float:
+    def rate(self, batches: list[tuple[np.ndarray, np.ndarray]], duration_s: float) -> RawRate:
         """Whole passes over `batches`, as many as start within `duration_s`, each session taking
         the next batch as it frees up (as a server's runtimes do).
 
@@ -109,6 +163,7 @@ class RawEngine:
         lock = threading.Lock()
         cursor = {"next": 0, "end": count}
         done = [0] * len(self.sessions)
+        cpu_s = [0.0] * len(self.sessions)
         started = time.perf_counter()
 
         def next_batch() -> int | None:
@@ -122,25 +177,28 @@ class RawEngine:
                 return index % count
 
         def worker(session: int) -> None:
+            cpu_started = time.thread_time()
             while (index := next_batch()) is not None:
                 ids, mask = batches[index]
                 self.sessions[session].encode(ids, mask)
                 done[session] += ids.shape[0]
+            cpu_s[session] = time.thread_time() - cpu_started
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(self.sessions))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        return sum(done) / (time.perf_counter() - started)
+        texts = max(sum(done), 1)
+        return RawRate(texts / (time.perf_counter() - started), sum(cpu_s) / texts)
 
     def best_budget(self, duration_s: float, budgets: tuple[int, ...] = (256, 1024, 4096)) -> int:
-        rates = {budget: self.texts_per_s(self.batches(budget), duration_s) for budget in budgets}
+        rates = {budget: self.rate(self.batches(budget), duration_s).texts_per_s for budget in budgets}
         for budget, rate in rates.items():
             print(f"  raw engine, batches <= {budget:5} tokens: {rate:7.1f} texts/s", flush=True)
         return max(rates, key=lambda budget: rates[budget])
 
-    def ceiling_point(self, budget: int, duration_s: float) -> tuple[float, float]:
+    def ceiling_point(self, budget: int, duration_s: float) -> tuple[RawRate, RawRate]:
         """(sorted order, shuffled order) texts/s of the ideal batches for `budget`.
 
         Sorted order is the classic upper bound; shuffled order keeps the same ideal batches in
@@ -149,7 +207,7 @@ class RawEngine:
         batches = self.batches(budget)
         shuffled = batches[:]
         random.Random(0).shuffle(shuffled)
-        return self.texts_per_s(batches, duration_s / 2), self.texts_per_s(shuffled, duration_s / 2)
+        return self.rate(batches, duration_s / 2), self.rate(shuffled, duration_s / 2)
 
 
 def main(argv: list[str]) -> int:
@@ -200,8 +258,8 @@ def batching(args: argparse.Namespace) -> None:
     engine = RawEngine(args.bundle, texts, runtimes=2)
     budget = engine.best_budget(args.duration / 2)
     run = (args.bundle, args.port, texts, levels, args.duration, engine, budget)
-    server = _run_setup("server", SERVER_FLAGS, *run)
-    naive = [] if args.skip_naive else _run_setup("naive", NAIVE_FLAGS, *run)
+    server = _run_setup("server", SERVER_FLAGS, *run, account_cpu=True)
+    naive = [] if args.skip_naive else _run_setup("naive", NAIVE_FLAGS, *run, account_cpu=False)
 
     print("\n| setup | concurrency | req/s | p50 ms | p99 ms | p99/p50 | errors | load-gen CPU "
           "| / ceiling (sorted) | / ceiling (shuffled) |")  # fmt: skip
@@ -213,6 +271,7 @@ def batching(args: argparse.Namespace) -> None:
             f"({r.ceiling_sorted}) | {r.rps / r.ceiling_shuffled:.2f} ({r.ceiling_shuffled}) |"
         )
     print(f"\nraw engine: 2 sessions x 1 thread, ideal length-sorted batches of <= {budget} padded tokens")
+    print_cpu_accounts(server + naive)
     for r in server:
         baseline = next((n for n in naive if n.concurrency == r.concurrency), None)
         if baseline is not None:
@@ -224,3 +283,20 @@ def batching(args: argparse.Namespace) -> None:
             indent=2,
         )
     )
+
+
+def print_cpu_accounts(results: list[LoadResult]) -> None:
+    """Where each point's server CPU went, in ms of CPU: a server that keeps up with the raw
+    engine spends about the raw engine's CPU a text on its runtimes and little else."""
+    print("\nwhere the server's CPU went (ms of CPU):")
+    print("| setup | concurrency | server, a request | its runtimes, a text | raw engine, a text "
+          "| padding | the rest, a request (HTTP, JSON, tokenizer, batching) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.cpu is not None:
+            c = r.cpu
+            print(
+                f"| {r.setup} | {r.concurrency} | {c.server_ms_per_request:.2f} "
+                f"| {c.runtime_ms_per_text:.2f} | {c.raw_ms_per_text:.2f} | {c.padding_share:.1%} "
+                f"| {c.rest_ms_per_request:.2f} |"
+            )

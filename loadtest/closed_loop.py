@@ -32,6 +32,19 @@ class LoadResult:
     loadgen_cpu_share: float  # of one core, over the run
     ceiling_sorted: float = 0.0  # raw engine, measured just before and after this point (mean)
     ceiling_shuffled: float = 0.0
+    cpu: CpuAccount | None = None  # where the server's CPU went (the batching benchmark)
+
+
+@dataclass
+class CpuAccount:
+    """The server process's CPU over one load point, split between its runtime threads and the
+    rest (HTTP, JSON, tokenizer, batch formation), against the raw engine's CPU a text."""
+
+    server_ms_per_request: float
+    runtime_ms_per_text: float  # the runtime threads' CPU (sparsebert_runtime_cpu_seconds)
+    rest_ms_per_request: float
+    padding_share: float  # of the padded tokens the runtimes computed
+    raw_ms_per_text: float  # the raw engine on its ideal batches, measured beside this point
 
 
 def _cpu_seconds() -> float:

@@ -279,6 +279,8 @@ def test_metrics_expose_the_serving_histograms(client: httpx.Client) -> None:
         "sparsebert_build_info",
     ]:
         assert name in text, name
+    runtime_cpu = re.search(r"^sparsebert_runtime_cpu_seconds_total ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert runtime_cpu is not None and float(runtime_cpu.group(1)) > 0  # the encoder's own CPU
     input_tokens = re.search(r"^sparsebert_input_tokens_count ([0-9.e+]+)$", text, re.MULTILINE)
     assert input_tokens is not None and float(input_tokens.group(1)) >= len(POSITIVE)
     assert re.search(
