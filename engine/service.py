@@ -674,7 +674,8 @@ class Service:
         self._refuse_early(len(texts), deadline, options.priority)
         loop = asyncio.get_running_loop()
         tokenize_started = time.monotonic()
-        tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_batch, texts)
+        # Ids only: what classification and embeddings use of their tokens.
+        tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_ids_batch, texts)
         tokenize_s = time.monotonic() - tokenize_started
         self.metrics.tokenize_seconds.observe(tokenize_s)
         if not options.truncate:

@@ -1,12 +1,15 @@
-"""Tokenization with Hugging Face `tokenizers`: ids, character offsets and word ids per text."""
+"""Tokenization with Hugging Face `tokenizers`: ids, character offsets and word ids per text; ids
+alone, where that is all a task needs, through `engine.fast_wordpiece` where it applies."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
+
+from engine.fast_wordpiece import FastWordPiece
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +17,7 @@ class TokenizedText:
     """One text after tokenization: what the batcher and the task heads need of it."""
 
     ids: np.ndarray  # int64 [length], special tokens included
+    # Both empty when tokenized for ids only (TextTokenizer.encode_ids_batch):
     offsets: tuple[tuple[int, int], ...]  # character span of each token in the text
     word_ids: tuple[int | None, ...]  # word index of each token, None for special tokens
     dropped_tokens: int  # tokens removed by truncation
@@ -56,9 +60,22 @@ class TextTokenizer:
             raise ValueError(f"{path} has no [CLS] token")
         self.sep_id = sep
         self.cls_id = cls
+        self.fast_ids = FastWordPiece.for_tokenizer_json(path)
 
     def encode_batch(self, texts: list[str]) -> list[TokenizedText]:
         return [self._truncate(encoding) for encoding in self._tokenizer.encode_batch(texts)]
+
+    def encode_ids_batch(self, texts: list[str]) -> list[TokenizedText]:
+        """The ids `encode_batch` gives, without offsets or word ids (left empty)."""
+        fast = self.fast_ids
+        if fast is None:
+            return [replace(t, offsets=(), word_ids=()) for t in self.encode_batch(texts)]
+        slow = [i for i, text in enumerate(texts) if not fast.applies(text)]
+        by_hf = dict(zip(slow, self.encode_batch([texts[i] for i in slow]), strict=True))
+        return [
+            replace(by_hf[i], offsets=(), word_ids=()) if i in by_hf else self._truncate_ids(fast.ids(text))
+            for i, text in enumerate(texts)
+        ]
 
     def encode_words_batch(self, sentences: list[list[str]]) -> list[TokenizedText]:
         """Pre-split words (as in CoNLL data); offsets are then relative to each word."""
@@ -71,6 +88,12 @@ class TextTokenizer:
             DocumentTokens(np.asarray(e.ids, dtype=np.int64), tuple(e.offsets), tuple(e.word_ids))
             for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)
         ]
+
+    def _truncate_ids(self, ids: np.ndarray) -> TokenizedText:
+        dropped = max(0, len(ids) - self.max_length)
+        if dropped:
+            ids = np.append(ids[: self.max_length - 1], np.int64(self.sep_id))
+        return TokenizedText(ids=ids, offsets=(), word_ids=(), dropped_tokens=dropped)
 
     def _truncate(self, encoding: Encoding) -> TokenizedText:
         ids = encoding.ids
