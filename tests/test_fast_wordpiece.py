@@ -24,6 +24,12 @@ ascii_texts = st.lists(
     st.one_of(
         st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=40),
         st.text(alphabet="abcdefXYZ", min_size=95, max_size=105),
+        # Two halves of a long word around a control character that HF drops (joining them).
+        st.tuples(
+            st.text(alphabet="ab", min_size=45, max_size=60),
+            st.sampled_from("\x00\x0b\x0c\x1c\x1f\x7f\t"),
+            st.text(alphabet="cd", min_size=45, max_size=60),
+        ).map("".join),
         st.sampled_from(["[SEP]", "[CLS]", "[MASK]", "[UNK]", "[PAD]", "[", "]", "##ing", "e\u0301"]),
     ),
     min_size=1,
@@ -82,6 +88,8 @@ def test_texts_the_fast_path_would_get_wrong_go_to_hugging_face(tokenizer_path: 
     assert not fast.applies("x" * 101)  # HF reads a word this long as [UNK]
     assert fast.applies("x" * 100)
     assert not fast.applies("before [SEP] after")  # HF reads the added token
+    assert not fast.applies("ab\x1ccd")  # HF drops the control character: one word
+    assert fast.applies("tab\tnew\nline\r")
 
 
 def test_another_tokenizer_pipeline_gets_no_fast_path(tokenizer_path: Path, tmp_path: Path) -> None:
