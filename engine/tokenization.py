@@ -90,24 +90,17 @@ class TextTokenizer:
         ]
 
     def _truncate_ids(self, ids: np.ndarray) -> TokenizedText:
+        """The first max_length - 1 ids and [SEP], and how many were dropped; no offsets."""
         dropped = max(0, len(ids) - self.max_length)
         if dropped:
             ids = np.append(ids[: self.max_length - 1], np.int64(self.sep_id))
         return TokenizedText(ids=ids, offsets=(), word_ids=(), dropped_tokens=dropped)
 
     def _truncate(self, encoding: Encoding) -> TokenizedText:
-        ids = encoding.ids
+        kept = self._truncate_ids(np.asarray(encoding.ids, dtype=np.int64))
         offsets = encoding.offsets
         word_ids = encoding.word_ids
-        dropped = max(0, len(ids) - self.max_length)
-        if dropped:
-            keep = self.max_length - 1
-            ids = [*ids[:keep], self.sep_id]
-            offsets = [*offsets[:keep], (0, 0)]
-            word_ids = [*word_ids[:keep], None]
-        return TokenizedText(
-            ids=np.asarray(ids, dtype=np.int64),
-            offsets=tuple(offsets),
-            word_ids=tuple(word_ids),
-            dropped_tokens=dropped,
-        )
+        if kept.dropped_tokens:  # the offsets of the kept tokens, then the [SEP]'s
+            offsets = [*offsets[: kept.length - 1], (0, 0)]
+            word_ids = [*word_ids[: kept.length - 1], None]
+        return TokenizedText(kept.ids, tuple(offsets), tuple(word_ids), kept.dropped_tokens)
