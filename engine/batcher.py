@@ -310,7 +310,7 @@ class Batcher:
             worker = min(self._workers, key=lambda w: w.assigned)
             if worker.assigned > (PREFETCH if len(self.queue) < PREFETCH_MIN_QUEUE else 1):
                 break
-            formation = self.queue.next_batch(time.monotonic())
+            formation = self.queue.next_batch(time.monotonic(), len(self._workers))
             self._fail_expired(formation.expired)
             batch = formation.batch
             if batch is None:

@@ -74,6 +74,26 @@ def test_no_batch_crosses_a_length_boundary() -> None:
     assert together is not None and together.size == 3  # the boundary, not the cost, split them
 
 
+def test_long_inputs_are_not_paired_while_another_runtime_could_read_one() -> None:
+    """Batched, two 350-token inputs save one per-call cost and double the first one's latency:
+    with two runtimes and little else waiting, each is read alone; one runtime, or a queue deep
+    enough to keep both runtimes busy for longer than the pair takes, batches them."""
+
+    def first_batch(runtimes: int, shorts: int) -> list[int]:
+        queue = make_queue()
+        queue.put(item(350, at=0.0))
+        queue.put(item(352, at=0.1))
+        for i in range(shorts):
+            queue.put(item(20 + i % 3, at=0.2 + i * 0.01))
+        batch = queue.next_batch(now=1.0, runtimes=runtimes).batch
+        assert batch is not None
+        return sorted(i.length for i in batch.items)
+
+    assert first_batch(runtimes=2, shorts=2) == [350]
+    assert first_batch(runtimes=1, shorts=2) == [350, 352]
+    assert first_batch(runtimes=2, shorts=40) == [350, 352]
+
+
 def test_token_budget_and_size_cap_bound_a_batch() -> None:
     queue = make_queue(max_batch_tokens=256, max_batch_size=4)
     for i in range(10):
