@@ -674,8 +674,11 @@ class Service:
         self._refuse_early(len(texts), deadline, options.priority)
         loop = asyncio.get_running_loop()
         tokenize_started = time.monotonic()
-        # Ids only: what classification and embeddings use of their tokens.
-        tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_ids_batch, texts)
+        # Ids only: what classification and embeddings use of their tokens. Short texts the fast
+        # path reads are tokenized here, on the loop (see TextTokenizer.encode_ids_inline).
+        tokens = self.tokenizer.encode_ids_inline(texts)
+        if tokens is None:
+            tokens = await loop.run_in_executor(self._tokenize_pool, self.tokenizer.encode_ids_batch, texts)
         tokenize_s = time.monotonic() - tokenize_started
         self.metrics.tokenize_seconds.observe(tokenize_s)
         if not options.truncate:

@@ -192,7 +192,7 @@ class RawEngine:
         texts = max(sum(done), 1)
         return RawRate(texts / (time.perf_counter() - started), sum(cpu_s) / texts)
 
-    def best_budget(self, duration_s: float, budgets: tuple[int, ...] = (256, 1024, 4096)) -> int:
+    def best_budget(self, duration_s: float, budgets: tuple[int, ...] = (256, 384, 512, 1024, 4096)) -> int:
         rates = {budget: self.rate(self.batches(budget), duration_s).texts_per_s for budget in budgets}
         for budget, rate in rates.items():
             print(f"  raw engine, batches <= {budget:5} tokens: {rate:7.1f} texts/s", flush=True)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.bundle import load_bundle
 from engine.fast_wordpiece import FastWordPiece
-from engine.tokenization import TextTokenizer
+from engine.tokenization import FAST_PATH_MAX_CHARS, TextTokenizer
 from loadtest.workload import load_workload
 
 # ASCII with control characters, words around the 100-character [UNK] limit, and added tokens
@@ -50,12 +50,15 @@ def tokenizer(tokenizer_path: Path, request: pytest.FixtureRequest) -> TextToken
 
 def _same_ids(tokenizer: TextTokenizer, texts: list[str]) -> None:
     full = tokenizer.encode_batch(texts)
-    ids_only = tokenizer.encode_ids_batch(texts)
-    for reference, fast in zip(full, ids_only, strict=True):
-        assert fast.ids.tolist() == reference.ids.tolist()
-        assert fast.ids.dtype == reference.ids.dtype
-        assert fast.dropped_tokens == reference.dropped_tokens
-        assert fast.offsets == () and fast.word_ids == ()
+    paths = [tokenizer.encode_ids_batch(texts)]
+    if (inline := tokenizer.encode_ids_inline(texts)) is not None:
+        paths.append(inline)
+    for ids_only in paths:
+        for reference, fast in zip(full, ids_only, strict=True):
+            assert fast.ids.tolist() == reference.ids.tolist()
+            assert fast.ids.dtype == reference.ids.dtype
+            assert fast.dropped_tokens == reference.dropped_tokens
+            assert fast.offsets == () and fast.word_ids == ()
 
 
 def test_the_fast_path_is_installed_where_it_has_wheels(tokenizer: TextTokenizer) -> None:
@@ -90,6 +93,45 @@ def test_texts_the_fast_path_would_get_wrong_go_to_hugging_face(tokenizer_path: 
     assert not fast.applies("before [SEP] after")  # HF reads the added token
     assert not fast.applies("ab\x1ccd")  # HF drops the control character: one word
     assert fast.applies("tab\tnew\nline\r")
+
+
+class CountingFastPath:
+    def __init__(self, fast: FastWordPiece) -> None:
+        self.fast = fast
+        self.texts: list[str] = []
+
+    def applies(self, text: str) -> bool:
+        return self.fast.applies(text)
+
+    def ids(self, text: str) -> object:
+        self.texts.append(text)
+        return self.fast.ids(text)
+
+
+def test_only_short_texts_take_the_fast_path_which_holds_the_gil(tokenizer_path: Path) -> None:
+    """The event loop tokenizes a request in place only when the fast path reads all its texts
+    and they are short together; on the tokenizer thread, a text too long to hold the GIL for
+    goes to HF (which releases it), whatever else it is."""
+    tokenizer = TextTokenizer(tokenizer_path, 512)
+    if tokenizer.fast_ids is None:
+        assert not HAS_WHEELS, "flash-tokenizer is not installed"
+        assert tokenizer.encode_ids_inline(["a short text"]) is None
+        return
+    counting = CountingFastPath(tokenizer.fast_ids)
+    tokenizer.fast_ids = counting  # type: ignore[assignment]
+    short = "A plain sentence. " * 10
+    long = "word " * (FAST_PATH_MAX_CHARS // 5 + 1)  # every word ASCII and short: only its size
+    assert len(long) > FAST_PATH_MAX_CHARS
+    inline = tokenizer.encode_ids_inline([short, short])
+    assert inline is not None and counting.texts == [short, short]
+    assert tokenizer.encode_ids_inline([long]) is None
+    assert tokenizer.encode_ids_inline([short] * (FAST_PATH_MAX_CHARS // len(short) + 1)) is None
+    assert tokenizer.encode_ids_inline([short, "caf\u00e9"]) is None  # one text HF must read
+    counting.texts.clear()
+    on_thread = tokenizer.encode_ids_batch([short, long])
+    assert counting.texts == [short]
+    _same_ids(tokenizer, [short, long])
+    assert on_thread[1].dropped_tokens > 0  # HF's truncation, as for any text
 
 
 def test_another_tokenizer_pipeline_gets_no_fast_path(tokenizer_path: Path, tmp_path: Path) -> None:
