@@ -267,15 +267,15 @@ def batching(args: argparse.Namespace) -> None:
     for r in server + naive:
         print(
             f"| {r.setup} | {r.concurrency} | {r.rps} | {r.p50_ms} | {r.p99_ms} | {r.p99_ms / r.p50_ms:.2f} "
-            f"| {r.errors} | {r.loadgen_cpu_share:.2f} core | {r.rps / r.ceiling_sorted:.2f} "
-            f"({r.ceiling_sorted}) | {r.rps / r.ceiling_shuffled:.2f} ({r.ceiling_shuffled}) |"
+            f"| {r.errors} | {r.loadgen_cpu_share:.2f} core | {r.rps / r.ceiling_sorted:.3f} "
+            f"({r.ceiling_sorted}) | {r.rps / r.ceiling_shuffled:.3f} ({r.ceiling_shuffled}) |"
         )
     print(f"\nraw engine: 2 sessions x 1 thread, ideal length-sorted batches of <= {budget} padded tokens")
     print_cpu_accounts(server + naive)
     for r in server:
         baseline = next((n for n in naive if n.concurrency == r.concurrency), None)
         if baseline is not None:
-            print(f"concurrency {r.concurrency}: server / naive = {r.rps / baseline.rps:.2f}")
+            print(f"concurrency {r.concurrency}: server / naive = {r.rps / baseline.rps:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
