@@ -25,7 +25,7 @@ class TokenizedText:
     """One text after tokenization: what the batcher and the task heads need of it."""
 
     ids: np.ndarray  # int64 [length], special tokens included
-    # Both empty when tokenized for ids only (TextTokenizer.encode_ids_batch):
+    # Both empty when tokenized for ids only (encode_ids_batch, encode_ids_inline):
     offsets: tuple[tuple[int, int], ...]  # character span of each token in the text
     word_ids: tuple[int | None, ...]  # word index of each token, None for special tokens
     dropped_tokens: int  # tokens removed by truncation
