@@ -53,37 +53,54 @@ def _run_setup(
     engine: RawEngine,
     budget: int,
     account_cpu: bool,
+    repeat: int = 1,
 ) -> list[LoadResult]:
     """Each load point sits between two raw-engine measurements (the server idles meanwhile),
     so its ratio to the ceiling compares runs seconds apart, not minutes. `account_cpu`: split
     the server's CPU (only for single-thread runtimes: sparsebert_runtime_cpu_seconds counts the
-    runtime's own thread, not the intra-op threads ONNX Runtime adds beside it)."""
+    runtime's own thread, not the intra-op threads ONNX Runtime adds beside it). `repeat`: each
+    point is measured that many times, each between its own ceiling measurements, and the run
+    with the median ratio to the sorted ceiling stands for it (see median_run)."""
     process = start_server(bundle, port, flags)
     try:
         run_on_uvloop(closed_loop(port, texts, 4, setup, duration_s=2.0))  # warm the connections and caches
         results = []
         for level in levels:
-            before = engine.ceiling_point(budget, duration_s / 2)
-            server_before = ServerCpu.read(port, process.pid)
-            result = run_on_uvloop(closed_loop(port, texts, level, setup, duration_s=duration_s))
-            server_after = ServerCpu.read(port, process.pid)
-            after = engine.ceiling_point(budget, duration_s / 2)
-            result.ceiling_sorted = round((before[0].texts_per_s + after[0].texts_per_s) / 2, 1)
-            result.ceiling_shuffled = round((before[1].texts_per_s + after[1].texts_per_s) / 2, 1)
-            raw_cpu_s = float(np.mean([rate.cpu_s_per_text for rate in (*before, *after)]))
-            if account_cpu:
-                result.cpu = server_after.account_since(server_before, result.requests, raw_cpu_s)
-            print(
-                f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
-                f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
-                f"loadgen cpu {result.loadgen_cpu_share:.2f}  | ceiling sorted {result.ceiling_sorted} "
-                f"shuffled {result.ceiling_shuffled}",
-                flush=True,
-            )
-            results.append(result)
+            runs = []
+            for _ in range(repeat):
+                before = engine.ceiling_point(budget, duration_s / 2)
+                server_before = ServerCpu.read(port, process.pid)
+                result = run_on_uvloop(closed_loop(port, texts, level, setup, duration_s=duration_s))
+                server_after = ServerCpu.read(port, process.pid)
+                after = engine.ceiling_point(budget, duration_s / 2)
+                result.ceiling_sorted = round((before[0].texts_per_s + after[0].texts_per_s) / 2, 1)
+                result.ceiling_shuffled = round((before[1].texts_per_s + after[1].texts_per_s) / 2, 1)
+                raw_cpu_s = float(np.mean([rate.cpu_s_per_text for rate in (*before, *after)]))
+                if account_cpu:
+                    result.cpu = server_after.account_since(server_before, result.requests, raw_cpu_s)
+                print(
+                    f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
+                    f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
+                    f"loadgen cpu {result.loadgen_cpu_share:.2f}  | ceiling sorted {result.ceiling_sorted} "
+                    f"shuffled {result.ceiling_shuffled}  | ratio {result.rps / result.ceiling_sorted:.3f}",
+                    flush=True,
+                )
+                runs.append(result)
+            results.append(median_run(runs))
         return results
     finally:
         stop_server(process)
+
+
+def median_run(runs: list[LoadResult]) -> LoadResult:
+    """The run whose ratio to the sorted ceiling is the median (the lower middle one of an even
+    count), with every run's ratio recorded on it: this machine's speed drifts by several
+    percent between one 20-second window and the next, so one run's ratio is good to a few
+    percent only."""
+    ranked = sorted(runs, key=lambda run: run.rps / run.ceiling_sorted)
+    chosen = ranked[(len(ranked) - 1) // 2]
+    chosen.ratio_runs = [round(run.rps / run.ceiling_sorted, 3) for run in runs]
+    return chosen
 
 
 class ServerCpu(NamedTuple):
@@ -219,6 +236,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each load point this many times (each between its own ceiling runs) and "
+        "report the run with the median ratio to the ceiling",
+    )
+    parser.add_argument(
         "--suite",
         choices=("batching", "cache", "documents", "attention", "gpu", "all"),
         default="all",
@@ -258,8 +282,10 @@ def batching(args: argparse.Namespace) -> None:
     engine = RawEngine(args.bundle, texts, runtimes=2)
     budget = engine.best_budget(args.duration / 2)
     run = (args.bundle, args.port, texts, levels, args.duration, engine, budget)
-    server = _run_setup("server", SERVER_FLAGS, *run, account_cpu=True)
-    naive = [] if args.skip_naive else _run_setup("naive", NAIVE_FLAGS, *run, account_cpu=False)
+    server = _run_setup("server", SERVER_FLAGS, *run, account_cpu=True, repeat=args.repeat)
+    naive = []
+    if not args.skip_naive:
+        naive = _run_setup("naive", NAIVE_FLAGS, *run, account_cpu=False, repeat=args.repeat)
 
     print("\n| setup | concurrency | req/s | p50 ms | p99 ms | p99/p50 | errors | load-gen CPU "
           "| / ceiling (sorted) | / ceiling (shuffled) |")  # fmt: skip
@@ -271,6 +297,10 @@ def batching(args: argparse.Namespace) -> None:
             f"({r.ceiling_sorted}) | {r.rps / r.ceiling_shuffled:.3f} ({r.ceiling_shuffled}) |"
         )
     print(f"\nraw engine: 2 sessions x 1 thread, ideal length-sorted batches of <= {budget} padded tokens")
+    if args.repeat > 1:
+        print(f"each row: the median of {args.repeat} runs by ratio to the sorted ceiling; each run's:")
+        for r in server + naive:
+            print(f"  {r.setup} c={r.concurrency}: {', '.join(f'{x:.3f}' for x in r.ratio_runs)}")
     print_cpu_accounts(server + naive)
     for r in server:
         baseline = next((n for n in naive if n.concurrency == r.concurrency), None)

@@ -7,7 +7,7 @@ import asyncio
 import resource
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -33,6 +33,7 @@ class LoadResult:
     ceiling_sorted: float = 0.0  # raw engine, measured just before and after this point (mean)
     ceiling_shuffled: float = 0.0
     cpu: CpuAccount | None = None  # where the server's CPU went (the batching benchmark)
+    ratio_runs: list[float] = field(default_factory=list)  # each run's ratio to the sorted ceiling
 
 
 @dataclass
