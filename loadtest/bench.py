@@ -252,6 +252,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache-requests", type=int, default=3000, help="requests per cache setup")
     parser.add_argument("--cache-concurrency", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.suite in ("batching", "all"):
         batching(args)
     if args.suite in ("cache", "all"):

@@ -1,5 +1,6 @@
 """The benchmark's raw-engine ceiling counts whole passes over its batches: a run cut off
-mid-pass over-counts whichever batches come first (in sorted order, the shortest)."""
+mid-pass over-counts whichever batches come first (in sorted order, the shortest). A point
+measured several times is reported by its median ratio to the ceiling."""
 
 from __future__ import annotations
 
