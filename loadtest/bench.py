@@ -82,7 +82,7 @@ def _run_setup(
                     f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
                     f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
                     f"loadgen cpu {result.loadgen_cpu_share:.2f}  | ceiling sorted {result.ceiling_sorted} "
-                    f"shuffled {result.ceiling_shuffled}  | ratio {result.rps / result.ceiling_sorted:.3f}",
+                    f"shuffled {result.ceiling_shuffled}  | ratio {result.sorted_ratio:.3f}",
                     flush=True,
                 )
                 runs.append(result)
@@ -97,9 +97,9 @@ def median_run(runs: list[LoadResult]) -> LoadResult:
     count), with every run's ratio recorded on it: this machine's speed drifts by several
     percent between one 20-second window and the next, so one run's ratio is good to a few
     percent only."""
-    ranked = sorted(runs, key=lambda run: run.rps / run.ceiling_sorted)
+    ranked = sorted(runs, key=lambda run: run.sorted_ratio)
     chosen = ranked[(len(ranked) - 1) // 2]
-    chosen.ratio_runs = [round(run.rps / run.ceiling_sorted, 3) for run in runs]
+    chosen.ratio_runs = [round(run.sorted_ratio, 3) for run in runs]
     return chosen
 
 
@@ -295,7 +295,7 @@ def batching(args: argparse.Namespace) -> None:
     for r in server + naive:
         print(
             f"| {r.setup} | {r.concurrency} | {r.rps} | {r.p50_ms} | {r.p99_ms} | {r.p99_ms / r.p50_ms:.2f} "
-            f"| {r.errors} | {r.loadgen_cpu_share:.2f} core | {r.rps / r.ceiling_sorted:.3f} "
+            f"| {r.errors} | {r.loadgen_cpu_share:.2f} core | {r.sorted_ratio:.3f} "
             f"({r.ceiling_sorted}) | {r.rps / r.ceiling_shuffled:.3f} ({r.ceiling_shuffled}) |"
         )
     print(f"\nraw engine: 2 sessions x 1 thread, ideal length-sorted batches of <= {budget} padded tokens")

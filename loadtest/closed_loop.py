@@ -35,6 +35,11 @@ class LoadResult:
     cpu: CpuAccount | None = None  # where the server's CPU went (the batching benchmark)
     ratio_runs: list[float] = field(default_factory=list)  # each run's ratio to the sorted ceiling
 
+    @property
+    def sorted_ratio(self) -> float:
+        """Throughput over the sorted ceiling measured beside it."""
+        return self.rps / self.ceiling_sorted
+
 
 @dataclass
 class CpuAccount:
