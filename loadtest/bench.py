@@ -4,8 +4,9 @@
 - naive: the same bundle and HTTP stack, one request at a time (one session using both cores,
   batches of one), which is what a hand-written "session.run per request" endpoint does;
 - ceiling: the ONNX sessions alone, fed ideal length-sorted batches of the same texts, no HTTP,
-  measured just before and after each load point (this machine's speed drifts by 10-20% over
-  minutes), in sorted and in shuffled batch order (see RawEngine.ceiling_point).
+  measured in the gaps of each load point, which runs in 2-second slices (this machine's speed
+  drifts by ~6% within a minute: see closed_loop.Interleave), in sorted and in shuffled batch
+  order (see RawEngine.ceiling_point).
 
 The load generator is this process; its CPU time is printed, since it shares the 2 cores.
 """
@@ -13,6 +14,8 @@ The load generator is this process; its CPU time is printed, since it shares the
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import os
 import random
@@ -31,7 +34,7 @@ from engine.bundle import load_bundle
 from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
-from loadtest.closed_loop import CpuAccount, LoadResult, closed_loop, run_on_uvloop
+from loadtest.closed_loop import CpuAccount, Interleave, LoadResult, closed_loop, run_on_uvloop
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -40,6 +43,9 @@ from loadtest.workload import load_workload
 # a hit.
 SERVER_FLAGS = ("--no-cache", "--no-coalesce")
 NAIVE_FLAGS = (*SERVER_FLAGS, "--runtimes", "1", "--intra-op-threads", "2", "--max-batch-size", "1")
+# Seconds of raw engine in each gap between a load point's slices (sorted then shuffled order,
+# whole passes of ~1 s each).
+CEILING_GAP_S = 1.0
 
 
 def _run_setup(
@@ -55,12 +61,12 @@ def _run_setup(
     account_cpu: bool,
     repeat: int = 1,
 ) -> list[LoadResult]:
-    """Each load point sits between two raw-engine measurements (the server idles meanwhile),
-    so its ratio to the ceiling compares runs seconds apart, not minutes. `account_cpu`: split
-    the server's CPU (only for single-thread runtimes: sparsebert_runtime_cpu_seconds counts the
-    runtime's own thread, not the intra-op threads ONNX Runtime adds beside it). `repeat`: each
-    point is measured that many times, each between its own ceiling measurements, and the run
-    with the median ratio to the sorted ceiling stands for it (see median_run)."""
+    """Each load point runs in slices with a raw-engine measurement in every gap (the server
+    idles meanwhile), so its ratio to the ceiling compares runs seconds apart. `account_cpu`:
+    split the server's CPU (only for single-thread runtimes: sparsebert_runtime_cpu_seconds
+    counts the runtime's own thread, not the intra-op threads ONNX Runtime adds beside it).
+    `repeat`: each point is measured that many times, and the run with the median ratio to the
+    sorted ceiling stands for it (see median_run)."""
     process = start_server(bundle, port, flags)
     try:
         run_on_uvloop(closed_loop(port, texts, 4, setup, duration_s=2.0))  # warm the connections and caches
@@ -68,16 +74,18 @@ def _run_setup(
         for level in levels:
             runs = []
             for _ in range(repeat):
-                before = engine.ceiling_point(budget, duration_s / 2)
+                gaps: list[tuple[RawRate, RawRate]] = []
+                plan = Interleave(functools.partial(_measure_gap, engine, budget, gaps))
                 server_before = ServerCpu.read(port, process.pid)
-                result = run_on_uvloop(closed_loop(port, texts, level, setup, duration_s=duration_s))
+                result = run_on_uvloop(
+                    closed_loop(port, texts, level, setup, duration_s=duration_s, interleave=plan)
+                )
                 server_after = ServerCpu.read(port, process.pid)
-                after = engine.ceiling_point(budget, duration_s / 2)
-                result.ceiling_sorted = round((before[0].texts_per_s + after[0].texts_per_s) / 2, 1)
-                result.ceiling_shuffled = round((before[1].texts_per_s + after[1].texts_per_s) / 2, 1)
-                raw_cpu_s = float(np.mean([rate.cpu_s_per_text for rate in (*before, *after)]))
+                result.ceiling_sorted = round(slices_ceiling(result.slice_seconds, [g[0] for g in gaps]), 1)
+                result.ceiling_shuffled = round(slices_ceiling(result.slice_seconds, [g[1] for g in gaps]), 1)
+                raw_cpu_s = float(np.mean([rate.cpu_s_per_text for gap in gaps for rate in gap]))
                 if account_cpu:
-                    result.cpu = server_after.account_since(server_before, result.requests, raw_cpu_s)
+                    result.cpu = server_after.account_since(server_before, result.completed, raw_cpu_s)
                 print(
                     f"  {setup:8} c={level:<3} {result.rps:7.1f} req/s  p50 {result.p50_ms:6.1f} ms  "
                     f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
@@ -90,6 +98,19 @@ def _run_setup(
         return results
     finally:
         stop_server(process)
+
+
+def _measure_gap(engine: RawEngine, budget: int, gaps: list[tuple[RawRate, RawRate]]) -> None:
+    gaps.append(engine.ceiling_point(budget, CEILING_GAP_S))
+
+
+def slices_ceiling(slice_seconds: list[float], gap_rates: list[RawRate]) -> float:
+    """The ceiling beside a load point run in slices: for each slice, the mean of the raw-engine
+    rates measured in the gaps either side (gap i precedes slice i), weighted by its length."""
+    if len(gap_rates) != len(slice_seconds) + 1:
+        raise ValueError(f"{len(slice_seconds)} slices need {len(slice_seconds) + 1} gaps: {len(gap_rates)}")
+    beside = [(before.texts_per_s + after.texts_per_s) / 2 for before, after in itertools.pairwise(gap_rates)]
+    return sum(w * rate for w, rate in zip(slice_seconds, beside, strict=True)) / sum(slice_seconds)
 
 
 def median_run(runs: list[LoadResult]) -> LoadResult:
