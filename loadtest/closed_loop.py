@@ -127,7 +127,8 @@ async def closed_loop(
                 status, _ = await connection.send(request)
             except (ConnectionError, OSError):
                 status = 0
-            in_flight -= 1
+            finally:
+                in_flight -= 1
             if status == 200:
                 now = time.perf_counter()
                 answered.append((now, now - started))
