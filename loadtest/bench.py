@@ -260,8 +260,8 @@ def main(argv: list[str]) -> int:
         "--repeat",
         type=int,
         default=1,
-        help="measure each load point this many times (each between its own ceiling runs) and "
-        "report the run with the median ratio to the ceiling",
+        help="measure each load point this many times (each with its own ceiling measurements) "
+        "and report the run with the median ratio to the ceiling",
     )
     parser.add_argument(
         "--suite",

@@ -29,7 +29,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     loadgen_cpu_share: float  # of one core, over the run
-    ceiling_sorted: float = 0.0  # raw engine, measured just before and after this point (mean)
+    ceiling_sorted: float = 0.0  # raw engine, measured beside this point (bench.slices_ceiling)
     ceiling_shuffled: float = 0.0
     cpu: CpuAccount | None = None  # where the server's CPU went (the batching benchmark)
     ratio_runs: list[float] = field(default_factory=list)  # each run's ratio to the sorted ceiling
