@@ -33,7 +33,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 QUANTIZATION = "onnxruntime dynamic, per-channel QInt8 weights, uint8 activations"
 QDQ_QUANTIZATION = (
     "onnxruntime static QDQ, per-channel symmetric QInt8 weights, symmetric QInt8 activations "
-    "(percentile 99.999 calibration on 128-token windows of training text); MatMul and embeddings"
+    "(percentile 99.999 calibration on 128-token windows of training text); projections and embeddings"
 )
 CALIBRATION_TOKENS = 128
 CALIBRATION_BATCH = 8
@@ -140,7 +140,8 @@ def quantize_qdq(
     TensorRT's INT8 takes no zero points. Nodes inside the attention's If branches stay in FP32
     (the quantizer does not enter subgraphs): the projections and FFNs, most of the FLOPs at
     these lengths, are INT8."""
-    graph_inputs = {i.name for i in onnx.load(str(fp32_path), load_external_data=False).graph.input}
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    graph_inputs = {i.name for i in graph.input}
     with _quiet():
         quantize_static(
             str(fp32_path),
@@ -150,28 +151,41 @@ def quantize_qdq(
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gather"],
-            nodes_to_exclude=keep_fp32 or [],
+            op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+            nodes_to_exclude=[*(keep_fp32 or []), *_activation_gathers(graph)],
             calibrate_method=CalibrationMethod.Percentile,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999},
         )
 
 
+def _activation_gathers(graph: onnx.GraphProto) -> list[str]:
+    """Gathers of activations (the padding-free encoder's packing, models/bert.Packing): data
+    movement that INT8 would only add error to. The embedding tables' Gathers are quantized."""
+    weights = {initializer.name for initializer in graph.initializer}
+    return [node.name for node in graph.node if node.op_type == "Gather" and node.input[0] not in weights]
+
+
 def ffn_down_projections(fp32_path: Path) -> list[str]:
-    """The MatMuls of each layer's FFN output projection: the usual INT8-sensitive spots in BERT
-    (their input follows the GELU, with rare large activations)."""
-    return _matmuls_ending(fp32_path, "/dense_1/MatMul")
+    """Each layer's FFN output projection: the usual INT8-sensitive spots in BERT (their input
+    follows the GELU, with rare large activations)."""
+    return _projections_of(fp32_path, "/dense_1")
 
 
 def ffn_projections(fp32_path: Path) -> list[str]:
-    """Both FFN MatMuls of every layer, down-projections first: a static graph's candidates."""
-    up = [name for name in _matmuls_ending(fp32_path, "/dense/MatMul") if "/attention/" not in name]
+    """Both FFN projections of every layer, down-projections first: a static graph's candidates."""
+    up = [name for name in _projections_of(fp32_path, "/dense") if "/attention/" not in name]
     return ffn_down_projections(fp32_path) + up
 
 
-def _matmuls_ending(fp32_path: Path, suffix: str) -> list[str]:
+def _projections_of(fp32_path: Path, module: str) -> list[str]:
+    """The nodes of the linear layers whose module path ends with `module`: a Gemm on packed
+    [tokens, hidden] rows (models/bert.Packing), a MatMul on [batch, seq, hidden] in older exports."""
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    return [node.name for node in graph.node if node.op_type == "MatMul" and node.name.endswith(suffix)]
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in ("MatMul", "Gemm") and node.name.endswith(f"{module}/{node.op_type}")
+    ]
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,10 @@ class TorchEncoderRuntime:
             else AttentionPattern()
         )
         self._sparse = attention.sparse
-        self._model = load_encoder_weights(weights, pattern, sdpa=True).to(self._device)
+        # A captured CUDA graph has fixed shapes: no packing of the real tokens (models/bert.Packing).
+        self._model = load_encoder_weights(
+            weights, pattern, sdpa=True, drop_padding=not options.cuda_graphs
+        ).to(self._device)
         self._no_verify = torch.tensor(False)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         on_gpu = self._device.type == "cuda"
