@@ -159,8 +159,9 @@ def quantize_qdq(
 
 
 def _activation_gathers(graph: onnx.GraphProto) -> list[str]:
-    """Gathers of activations (the padding-free encoder's packing, models/bert.Packing): data
-    movement that INT8 would only add error to. The embedding tables' Gathers are quantized."""
+    """Every Gather but the embedding tables': the padding-free encoder's packing of activations
+    (models/bert.Packing), data movement that INT8 would only add error to, and the graph's
+    integer shape lookups, which no quantizer touches anyway."""
     weights = {initializer.name for initializer in graph.initializer}
     return [node.name for node in graph.node if node.op_type == "Gather" and node.input[0] not in weights]
 

@@ -13,28 +13,19 @@ import torch
 
 from models.bert import AttentionPattern, BertEncoder
 from models.export import export_onnx, ffn_down_projections
-from tests.tiny_bert import tiny_bert_config
+from tests.tiny_bert import RANDOM_VOCAB, random_batch, random_tiny_bert, tiny_bert_config
 
-TINY = tiny_bert_config(vocab_size=200)
+TINY = tiny_bert_config(vocab_size=RANDOM_VOCAB)
 PATTERNS = [AttentionPattern(), AttentionPattern(window=8, global_tokens=2)]
 
 
 def _pair(pattern: AttentionPattern) -> tuple[BertEncoder, BertEncoder]:
     """The same random weights, padding dropped and kept."""
-    torch.manual_seed(0)
-    packed = BertEncoder(TINY, pattern)
-    for parameter in packed.parameters():
-        torch.nn.init.normal_(parameter, std=0.3)
-    padded = BertEncoder(TINY, pattern, drop_padding=False)
-    padded.load_state_dict(packed.state_dict())
-    return packed.eval(), padded.eval()
+    return random_tiny_bert(pattern), random_tiny_bert(pattern, drop_padding=False)
 
 
 def _batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(len(lengths))
-    ids = torch.randint(1, TINY.vocab_size, (len(lengths), max(lengths)), generator=generator)
-    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
-    return ids * mask, mask
+    return random_batch(lengths, seed=len(lengths))
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=["dense", "sparse"])

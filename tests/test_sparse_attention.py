@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.bert import AttentionPattern, BertEncoder
+from models.bert import AttentionPattern
 from models.export import export_onnx
 from models.sparse_attention import (
     dense_attention,
@@ -19,33 +19,13 @@ from models.sparse_attention import (
     local_global_attention,
     salient_tokens,
 )
-from tests.tiny_bert import tiny_bert_config
-
-TINY = tiny_bert_config(vocab_size=200)
-
-
-def _tiny(pattern: AttentionPattern) -> BertEncoder:
-    torch.manual_seed(0)
-    model = BertEncoder(TINY, pattern)
-    for parameter in model.parameters():  # random weights, not the near-uniform default init
-        torch.nn.init.normal_(parameter, std=0.3)
-    return model.eval()
-
-
-def _batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    ids = torch.randint(1, TINY.vocab_size, (len(lengths), longest), generator=generator)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.int64)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = 1
-    return ids * mask, mask
+from tests.tiny_bert import random_batch, random_tiny_bert
 
 
 def test_a_window_as_long_as_the_input_is_dense_attention_exactly() -> None:
-    ids, mask = _batch([37, 20, 5])
-    dense = _tiny(AttentionPattern())
-    sparse = _tiny(AttentionPattern(window=40, global_tokens=3))
+    ids, mask = random_batch([37, 20, 5])
+    dense = random_tiny_bert(AttentionPattern())
+    sparse = random_tiny_bert(AttentionPattern(window=40, global_tokens=3))
     dense_hidden, dense_sparsity = dense.encode(ids, mask)
     sparse_hidden, sparse_sparsity = sparse.encode(ids, mask)
     real = mask.bool()
@@ -121,13 +101,13 @@ def test_globals_are_chosen_per_sequence_from_real_tokens_only() -> None:
 
 
 def test_onnx_export_has_dynamic_axes_and_matches_torch(tmp_path: Path) -> None:
-    model = _tiny(AttentionPattern(window=8, global_tokens=2))
+    model = random_tiny_bert(AttentionPattern(window=8, global_tokens=2))
     path = tmp_path / "sparse.onnx"
     export_onnx(model, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sparsity", "kept_attention_mass"]
     for lengths in ([5], [40, 17, 33], [64, 9], [100]):
-        ids, mask = _batch(lengths, seed=len(lengths))
+        ids, mask = random_batch(lengths, seed=len(lengths))
         hidden, sparsity, kept = model.encode_verified(ids, mask, torch.tensor(True))
         for verify in (True, False):
             got_hidden, got_sparsity, got_kept = session.run(
@@ -143,12 +123,12 @@ def test_onnx_export_has_dynamic_axes_and_matches_torch(tmp_path: Path) -> None:
 
 
 def test_below_dense_up_to_a_batch_takes_the_dense_branch_in_onnx(tmp_path: Path) -> None:
-    model = _tiny(AttentionPattern(window=8, global_tokens=2, dense_up_to=50))
+    model = random_tiny_bert(AttentionPattern(window=8, global_tokens=2, dense_up_to=50))
     export_onnx(model, tmp_path / "sparse.onnx")
     session = ort.InferenceSession(str(tmp_path / "sparse.onnx"), providers=["CPUExecutionProvider"])
-    dense = _tiny(AttentionPattern())
+    dense = random_tiny_bert(AttentionPattern())
     for length, sparse in ((50, False), (51, True)):
-        ids, mask = _batch([length])
+        ids, mask = random_batch([length])
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "verify": np.array(True)}
         hidden, sparsity, kept = session.run(None, feed)
         assert (float(sparsity[0]) > 0.3) == sparse
@@ -186,11 +166,11 @@ def test_the_kept_mass_is_dense_attention_summed_over_the_pattern(
 
 
 def test_the_encoder_reports_the_kept_share_only_when_asked() -> None:
-    model = _tiny(AttentionPattern(window=4, global_tokens=2, dense_up_to=0))
-    ids, mask = _batch([23, 9])
+    model = random_tiny_bert(AttentionPattern(window=4, global_tokens=2, dense_up_to=0))
+    ids, mask = random_batch([23, 9])
     _, _, kept = model.encode_verified(ids, mask, torch.tensor(True))
     assert bool(((kept > 0.0) & (kept < 1.0)).all())
     _, _, unmeasured = model.encode_verified(ids, mask, torch.tensor(False))
     assert unmeasured.tolist() == [-1.0, -1.0]
-    _, _, dense = _tiny(AttentionPattern()).encode_verified(ids, mask, torch.tensor(True))
+    _, _, dense = random_tiny_bert(AttentionPattern()).encode_verified(ids, mask, torch.tensor(True))
     assert torch.allclose(dense, torch.ones(2))
