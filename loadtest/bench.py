@@ -35,6 +35,7 @@ from engine.runtime.base import EncoderRuntime, pad_batch
 from engine.runtime.onnx import OnnxEncoderRuntime
 from engine.tokenization import TextTokenizer
 from loadtest.closed_loop import CpuAccount, Interleave, LoadResult, closed_loop, run_on_uvloop
+from loadtest.host import host_cpu
 from loadtest.server_process import start_server, stop_server
 from loadtest.workload import load_workload
 
@@ -300,7 +301,10 @@ def main(argv: list[str]) -> int:
 def batching(args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     texts = load_workload()
-    print(f"workload: {len(texts)} texts, CPUs: {os.cpu_count()}; {args.duration:g} s per point", flush=True)
+    print(
+        f"workload: {len(texts)} texts, CPUs: {os.cpu_count()} ({host_cpu()}); {args.duration:g} s per point",
+        flush=True,
+    )
 
     engine = RawEngine(args.bundle, texts, runtimes=2)
     budget = engine.best_budget(args.duration / 2)
