@@ -1,14 +1,16 @@
 """What a benchmark's figures depend on besides the code: the host's CPU model and the vector
-instructions ONNX Runtime's INT8 kernels use. The same build ran its INT8 encoder at about half
-the speed on a host without AVX2 (README, Benchmark), which moves every ratio to the ceiling."""
+instructions ONNX Runtime's INT8 kernels can use. The same build ran its INT8 encoder at half the
+speed on session 14's host as on session 13's, which moves every ratio to the ceiling (README,
+Benchmark); session 13's CPU was not recorded, so why is not known."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
-# x86 flags as Linux names them: 256-bit integer SIMD, 512-bit, and the two int8 dot-product sets.
-INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
+# x86 flags as Linux names them: 256-bit integer SIMD, 512-bit, the two int8 dot-product sets, and
+# Intel's int8 matrix tiles.
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def describe_cpu(cpuinfo: str) -> str:
