@@ -9,8 +9,9 @@ Batch formation, each time a runtime is free:
    (both bounded: nothing is delayed by more than them, nothing starves);
 3. choose its companions by the latency model: of all ways to cut the waiting inputs, sorted by
    length, into batches (a padded batch costs n x max_len, within the token budget and the size
-   cap), take the one predicted to serve them all soonest, with no batch longer than the
-   waiting work's share per runtime; the next batch is the anchor's group.
+   cap, which is smaller while the queue is shallow), take the one predicted to serve them all
+   soonest, with no batch longer than the waiting work's share per runtime; the next batch is
+   the anchor's group.
 """
 
 from __future__ import annotations
@@ -53,14 +54,13 @@ class QueuedItem(Generic[T]):
     priority: Priority = "normal"
     predicted_wait_s: float = 0.0  # the uncorrected drain estimate when it was queued
     compute_s: float = 0.0  # its predicted compute time alone, set when queued
+    credit_s: float = 0.0  # the head start its compute earns it (BatchLimits.compute_credit)
 
     @property
     def rank(self) -> float:
         """Smaller is served first: the arrival time less the priority's head start and less the
-        entry's own compute time. Measured at concurrency 8 on the benchmark workload (its 1% of
-        inputs over 420 tokens take 60-70 ms alone): p99/p50 2.86-2.99 -> 2.51-2.59 over three
-        runs each, p99 85-94 -> 71-76 ms, throughput unchanged."""
-        return self.enqueued_at - PRIORITY_HEAD_START_S[self.priority] - self.compute_s
+        head start of the entry's own compute time."""
+        return self.enqueued_at - PRIORITY_HEAD_START_S[self.priority] - self.credit_s
 
 
 @dataclass(slots=True)
@@ -101,6 +101,22 @@ class BatchLimits:
     # changes with the batch's length (sparse attention takes its dense branch up to a length),
     # so an input's result never depends on the batch it lands in.
     length_boundaries: tuple[int, ...] = ()
+    # The share of an entry's predicted compute time credited to its age when choosing the oldest
+    # (0: by arrival). A long input's compute already makes it the latency tail; the credit lets it
+    # start that much earlier. Measured through the server at concurrency 8 on the benchmark
+    # workload (three runs each): no credit p99/p50 2.86-2.99, full credit 2.51-2.59; half and
+    # double credit were no better, nor any other share in the calibrated simulation
+    # (loadtest/queue_sim.py).
+    compute_credit: float = 1.0
+    # While fewer than `deep_queue_inputs` wait, a batch holds at most `shallow_max_batch_size`
+    # inputs (None: no such cap). On a CPU a batch saves little more than the per-call overhead,
+    # and a big one makes its first inputs wait for its last: the oldest inputs leave sooner in
+    # pairs. Once the queue is deep, batches may fill up again, since capacity is what counts
+    # then. Measured through the server, interleaved in 2 s slices for 60 s each way at
+    # concurrency 8: p99/p50 2.49-2.51 -> 2.36-2.38, p99 88.7-88.8 -> 85.2-87.0 ms, throughput
+    # within 2%; at 32 no change (1.98 both, throughput within 0.5%).
+    shallow_max_batch_size: int | None = None
+    deep_queue_inputs: int = 12
 
 
 class BatchQueue(Generic[T]):
@@ -132,6 +148,7 @@ class BatchQueue(Generic[T]):
         if not admitted and not self.has_room(1, item.length, item.priority):
             raise Overloaded("the request queue is full", retry_after_s=self.drain_estimate_s())
         item.compute_s = self.latency.predict(1, item.length)
+        item.credit_s = self.limits.compute_credit * item.compute_s
         self._items.append(item)
         self._queued_tokens += item.length
 
@@ -172,10 +189,15 @@ class BatchQueue(Generic[T]):
             self._queued_tokens -= item.length
         return Formation(batch, expired)
 
+    def _size_cap(self) -> int:
+        limits = self.limits
+        if limits.shallow_max_batch_size is not None and len(self._items) < limits.deep_queue_inputs:
+            return min(limits.shallow_max_batch_size, limits.max_batch_size)
+        return limits.max_batch_size
+
     def _could_grow(self, batch: Batch[T]) -> bool:
         return (
-            batch.size < self.limits.max_batch_size
-            and (batch.size + 1) * batch.max_len <= self.limits.max_batch_tokens
+            batch.size < self._size_cap() and (batch.size + 1) * batch.max_len <= self.limits.max_batch_tokens
         )
 
     def _remove_dead(self, now: float) -> list[QueuedItem[T]]:
@@ -220,12 +242,13 @@ class BatchQueue(Generic[T]):
         # Plain loops over precomputed costs: this runs each time a runtime frees up, on the
         # event loop, for up to LOOKAHEAD x max_batch_size candidate groups.
         longest_batch_s = sum(item.compute_s for item in self._items) / max(runtimes, 1)
+        size_cap = self._size_cap()
         best = [0.0] + [float("inf")] * len(ordered)
         cut = [0] * (len(ordered) + 1)
         for end in range(1, len(ordered) + 1):
             longest = lengths[end - 1]
             by_tokens = max(limits.max_batch_tokens // longest, 1)
-            sizes = min(limits.max_batch_size, by_tokens, end - range_start[end - 1])
+            sizes = min(size_cap, by_tokens, end - range_start[end - 1])
             costs = self.latency.costs(longest, sizes)
             least, least_cut = best[end], cut[end]
             for size in range(1, sizes + 1):

@@ -266,10 +266,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--suite",
-        choices=("batching", "cache", "documents", "attention", "gpu", "all"),
+        choices=("batching", "queue", "cache", "documents", "attention", "gpu", "all"),
         default="all",
-        help="which benchmark to run (attention: sparse vs dense encoder speed, needs the [build] "
-        "extra; gpu: each runtime vs plain torch FP32 on a CUDA host, with a --gpu-graph bundle)",
+        help="which benchmark to run (queue: queue policies in the calibrated simulation, ~1 min; "
+        "attention: sparse vs dense encoder speed, needs the [build] extra; gpu: each runtime vs "
+        "plain torch FP32 on a CUDA host, with a --gpu-graph bundle)",
     )
     parser.add_argument("--cache-requests", type=int, default=3000, help="requests per cache setup")
     parser.add_argument("--cache-concurrency", type=int, default=32)
@@ -278,6 +279,10 @@ def main(argv: list[str]) -> int:
         parser.error("--repeat must be at least 1")
     if args.suite in ("batching", "all"):
         batching(args)
+    if args.suite in ("queue", "all"):
+        from loadtest.queue_bench import run as queue_run
+
+        queue_run(args.bundle)
     if args.suite in ("cache", "all"):
         from loadtest.cache_bench import run as cache_run
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from engine.attention import attention_boundaries
 from engine.batcher import GPU_MAX_BATCH_TOKENS, GPU_WARM_UP, AttentionVerification, Batcher, WarmUpPlan
-from engine.bundle import AttentionSpec, Bundle, EncoderSpec, load_bundle
+from engine.bundle import AttentionSpec, Bundle, EncoderSpec, Manifest, load_bundle
 from engine.cache.breaker import CircuitBreaker
 from engine.cache.keys import CacheKeys
 from engine.cache.local import LocalTier
@@ -105,14 +105,7 @@ def build_service(
     encoder = encoder_for(manifest, runtime)
     log.info("encoder %s on %s", encoder.file, runtime)
     runtimes = build_runtimes(settings, bundle, runtime, encoder)
-    limits = BatchLimits(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_queue_items=settings.max_queue_items,
-        max_queue_tokens=settings.max_queue_tokens,
-        max_wait_s=settings.max_batch_wait_ms / 1000.0,
-        length_boundaries=attention_boundaries(manifest.attention),
-    )
+    limits = batch_limits(settings, manifest, runtime)
     return Service(
         bundle=bundle,
         tokenizer=TextTokenizer(bundle.path(manifest.tokenizer), manifest.max_length),
@@ -162,6 +155,22 @@ def build_runtimes(
         )
         for i in range(settings.runtimes)
     ]
+
+
+def batch_limits(settings: Settings, manifest: Manifest, runtime: Runtime) -> BatchLimits:
+    """The queue's bounds and batch shapes (the queue simulation builds its own from here too).
+    The size cap while the queue is shallow applies on a CPU only: a GPU's batches pay for
+    themselves at any depth."""
+    shallow = settings.shallow_batch_size if runtime not in GPU_RUNTIMES else 0
+    return BatchLimits(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue_items=settings.max_queue_items,
+        max_queue_tokens=settings.max_queue_tokens,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        length_boundaries=attention_boundaries(manifest.attention),
+        shallow_max_batch_size=shallow or None,
+    )
 
 
 def _warm_up_plan(settings: Settings, runtime: Runtime) -> WarmUpPlan:

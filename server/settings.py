@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="Hold a batch that could still grow for at most this long."
     )
+    shallow_batch_size: int = Field(
+        2,
+        ge=0,
+        le=1024,
+        description="While fewer than 12 inputs wait, a batch holds at most this many (0: no such "
+        "cap): the oldest inputs leave sooner (a tighter tail at moderate load). CPU runtimes only.",
+    )
     attention_verify_rate: float = Field(
         0.01,
         ge=0,

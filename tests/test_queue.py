@@ -252,3 +252,34 @@ def test_a_long_input_is_credited_its_own_compute_time_and_no_more() -> None:
     queue.put(item(400, at=0.010, name="long"))
     batch = queue.next_batch(now=1.0).batch
     assert batch is not None and [i.payload for i in batch.items] == ["short"]
+
+
+def test_without_compute_credit_the_oldest_arrival_goes_first() -> None:
+    queue = make_queue(max_batch_tokens=512, compute_credit=0.0)
+    queue.put(item(10, at=0.000, name="short"))
+    queue.put(item(400, at=0.002, name="long"))
+    batch = queue.next_batch(now=1.0).batch
+    assert batch is not None and [i.payload for i in batch.items] == ["short"]
+
+
+def test_a_shallow_queue_caps_the_batch_and_a_deep_one_lifts_the_cap() -> None:
+    """Same-length inputs batch together freely (no padding), so only the cap holds them apart."""
+    shallow = make_queue(shallow_max_batch_size=2, deep_queue_inputs=12)
+    for i in range(11):
+        shallow.put(item(30, at=i * 0.001))
+    batch = shallow.next_batch(now=1.0).batch
+    assert batch is not None and batch.size == 2
+    assert [i.enqueued_at for i in batch.items] == [0.0, 0.001]  # the oldest leave first
+    deep = make_queue(shallow_max_batch_size=2, deep_queue_inputs=12)
+    for i in range(12):
+        deep.put(item(30, at=i * 0.001))
+    batch = deep.next_batch(now=1.0).batch
+    assert batch is not None and batch.size > 2
+
+
+def test_the_shallow_cap_never_holds_a_batch_for_growth_it_forbids() -> None:
+    queue = make_queue(max_wait_s=0.01, shallow_max_batch_size=2)
+    queue.put(item(10, at=0.0))
+    queue.put(item(10, at=0.0))
+    batch = queue.next_batch(now=0.001).batch
+    assert batch is not None and batch.size == 2
