@@ -268,7 +268,7 @@ def main(argv: list[str]) -> int:
         "--suite",
         choices=("batching", "queue", "cache", "documents", "attention", "gpu", "all"),
         default="all",
-        help="which benchmark to run (queue: queue policies in the calibrated simulation, ~1 min; "
+        help="which benchmark to run (queue: queue policies in the calibrated simulation, ~30 s; "
         "attention: sparse vs dense encoder speed, needs the [build] extra; gpu: each runtime vs "
         "plain torch FP32 on a CUDA host, with a --gpu-graph bundle)",
     )

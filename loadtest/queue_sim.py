@@ -136,13 +136,19 @@ class _Server:
         """Wait until an input waits, then form a batch from everything waiting (as the batcher
         does each time a runtime frees up or an input arrives to an idle one)."""
         while True:
+            held = False
             if len(self.queue):
                 batch = self.queue.next_batch(self.env.now, self.runtimes).batch
                 if batch is not None:
                     return batch
+                held = True  # the batch could still grow within max_wait_s
             if self._work_arrived.triggered:
                 self._work_arrived = self.env.event()
-            yield self._work_arrived
+            if held:
+                remaining = self.queue.limits.max_wait_s - self.queue.oldest_wait_s(self.env.now)
+                yield self._work_arrived | self.env.timeout(max(remaining, 1e-9))
+            else:
+                yield self._work_arrived
 
     def _runtime(self) -> Generator[simpy.Event, object, None]:
         model = self.model

@@ -239,27 +239,21 @@ def test_batch_formation_takes_the_best_partition() -> None:
         assert formed[0] in _reference_groups(lengths, limits, model)
 
 
-def test_a_long_input_is_credited_its_own_compute_time_and_no_more() -> None:
+@pytest.mark.parametrize(
+    ("long_arrives_s", "credit", "first"),
+    [(0.002, 1.0, "long"), (0.010, 1.0, "short"), (0.002, 0.0, "short")],
+)
+def test_a_long_input_is_credited_its_own_compute_time_and_no_more(
+    long_arrives_s: float, credit: float, first: str
+) -> None:
     """Ranked by arrival less its own predicted compute time: a 400-token input (~5 ms here)
-    goes before a short one that came 2 ms earlier, not before one that came 10 ms earlier."""
-    queue = make_queue(max_batch_tokens=512)
+    goes before a short one that came 2 ms earlier, not before one that came 10 ms earlier;
+    without the credit (compute_credit=0) by arrival alone."""
+    queue = make_queue(max_batch_tokens=512, compute_credit=credit)
     queue.put(item(10, at=0.000, name="short"))
-    queue.put(item(400, at=0.002, name="long"))
+    queue.put(item(400, at=long_arrives_s, name="long"))
     batch = queue.next_batch(now=1.0).batch
-    assert batch is not None and [i.payload for i in batch.items] == ["long"]
-    queue = make_queue(max_batch_tokens=512)
-    queue.put(item(10, at=0.000, name="short"))
-    queue.put(item(400, at=0.010, name="long"))
-    batch = queue.next_batch(now=1.0).batch
-    assert batch is not None and [i.payload for i in batch.items] == ["short"]
-
-
-def test_without_compute_credit_the_oldest_arrival_goes_first() -> None:
-    queue = make_queue(max_batch_tokens=512, compute_credit=0.0)
-    queue.put(item(10, at=0.000, name="short"))
-    queue.put(item(400, at=0.002, name="long"))
-    batch = queue.next_batch(now=1.0).batch
-    assert batch is not None and [i.payload for i in batch.items] == ["short"]
+    assert batch is not None and [i.payload for i in batch.items] == [first]
 
 
 def test_a_shallow_queue_caps_the_batch_and_a_deep_one_lifts_the_cap() -> None:

@@ -88,3 +88,11 @@ def test_a_noiseless_model_is_deterministic(lengths: list[int], limits: BatchLim
         simulate(lengths, 8, limits=limits, model=model, duration_s=10.0, seed=seed) for seed in (0, 1)
     )
     assert first == second
+
+
+def test_a_held_batch_is_released_when_its_wait_runs_out(lengths: list[int], limits: BatchLimits) -> None:
+    """With max_wait_s a lone input is held for company; at concurrency 1 none comes, so every
+    request pays the wait, and no more."""
+    waiting = replace(limits, max_wait_s=0.005)
+    held, free = point(lengths, 1, waiting), point(lengths, 1, limits)
+    assert held.mean_s == pytest.approx(free.mean_s + 0.005, rel=0.05)
