@@ -2,7 +2,7 @@
 
 The benchmark workload's token lengths, the server's default batch limits, and variants of
 them, at concurrency 8 and 32 (loadtest/queue_sim.py): what each policy does to the tail,
-seeded and repeatable, in about a minute. These are simulated figures, labelled as such; the
+seeded and repeatable, in about 30 s. These are simulated figures, labelled as such; the
 server's own are `sparsebert bench --suite batching`.
 """
 
